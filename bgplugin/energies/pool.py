@@ -45,6 +45,8 @@ class PoolBrokenError(BrokenExecutor):
 
 #: Consecutive start-up deaths after which the pool gives up.
 MAX_STARTUP_FAILURES = 3
+#: Seconds a new worker may take to import its modules and report ready.
+STARTUP_TIMEOUT = 300.0
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Worker:
     deadline: float | None = None
     abandoned: bool = field(default=False)
     ready: bool = field(default=False)
+    started_at: float = field(default_factory=time.monotonic)
 
 
 def _worker_main(
@@ -249,7 +252,7 @@ class WorkerPool(Executor):
     def _assign(self) -> None:
         now = time.monotonic()
         for worker in self._workers:
-            while worker.task is None and self._pending:
+            while worker.ready and worker.task is None and self._pending:
                 task = self._pending.popleft()
                 if not task.future.set_running_or_notify_cancel():
                     continue
@@ -270,6 +273,7 @@ class WorkerPool(Executor):
                 if self._shutdown and not any(busy) and not self._pending:
                     break
                 deadlines = [w.deadline for w in self._workers if w.deadline is not None]
+                deadlines += [w.started_at + STARTUP_TIMEOUT for w in self._workers if not w.ready]
                 waitables: list[Any] = [self._wake_recv]
                 for worker in self._workers:
                     waitables += [worker.conn, worker.process.sentinel]
@@ -297,6 +301,7 @@ class WorkerPool(Executor):
             if kind == "ready":
                 worker.ready = True
                 self._startup_failures = 0
+                self._assign()
                 return
             worker.task, worker.deadline, worker.abandoned = None, None, False
             if task is None:
@@ -312,6 +317,8 @@ class WorkerPool(Executor):
             self._replace(index, TimeoutError("task abandoned by the caller after its deadline"))
         elif worker.deadline is not None and now >= worker.deadline:
             self._replace(index, TimeoutError(f"task exceeded task_timeout={self.task_timeout} s"))
+        elif not worker.ready and now >= worker.started_at + STARTUP_TIMEOUT:
+            self._replace(index, WorkerDiedError(f"worker {worker.process.pid} not ready after {STARTUP_TIMEOUT} s"))
 
     @staticmethod
     def _terminate(workers: list[_Worker]) -> None:

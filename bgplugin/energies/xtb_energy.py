@@ -10,11 +10,13 @@ with more OpenMP threads on small molecules; parallelise over processes.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, Literal
 
 import numpy as np
@@ -35,11 +37,11 @@ def available_backends() -> dict[str, str | None]:
     """Installed xTB backends and their versions (None when missing)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     found: dict[str, str | None] = {}
-    for name, module in (("xtb", "xtb"), ("tblite", "tblite")):
+    for name, module in (("xtb", "xtb.interface"), ("tblite", "tblite.interface")):
         try:
-            mod = __import__(module)
-            found[name] = getattr(mod, "__version__", "unknown")
-        except ImportError:
+            importlib.import_module(module)
+            found[name] = metadata.version(name)
+        except (ImportError, metadata.PackageNotFoundError):
             found[name] = None
     return found
 

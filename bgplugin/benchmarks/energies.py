@@ -1,0 +1,136 @@
+"""``bgplugin bench energies``: frames/s of OpenMMEnergy and XTBEnergy against raw engine loops."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from bgplugin.benchmarks.common import machine_record
+from bgplugin.energies import OpenMMEnergy, XTBEnergy, make_context
+from bgplugin.systems import MolecularSystem, get_system
+from bgplugin.units import BOHR_PER_NM
+
+logger = logging.getLogger(__name__)
+
+
+def _best_rate(fn: Callable[[], object], n_frames: int, repeats: int) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n_frames / best
+
+
+def raw_openmm_loop(system: MolecularSystem, frames: np.ndarray) -> None:
+    """The reference: one CPU Context (Threads=1), energies and forces frame by frame."""
+    context = make_context(system.openmm_system, "CPU")
+    for x in frames:
+        context.setPositions(x)
+        state = context.getState(getEnergy=True, getForces=True)
+        state.getPotentialEnergy()
+        state.getForces(asNumpy=True)
+
+
+def raw_xtb_loop(numbers: np.ndarray, frames: np.ndarray, backend: str) -> None:
+    """The reference: one calculator with wavefunction restarts, frame by frame."""
+    if backend == "xtb":
+        from xtb.interface import Calculator, Param
+        from xtb.libxtb import VERBOSITY_MUTED
+
+        calc = Calculator(Param.GFN2xTB, numbers, frames[0] * BOHR_PER_NM)
+        calc.set_verbosity(VERBOSITY_MUTED)
+    else:
+        from tblite.interface import Calculator as TBCalculator
+
+        calc = TBCalculator("GFN2-xTB", numbers, frames[0] * BOHR_PER_NM)
+        calc.set("verbosity", 0)
+    result = None
+    for x in frames:
+        calc.update(x * BOHR_PER_NM)
+        result = calc.singlepoint(result)
+
+
+def _engine_rates(make: Callable[[int], Any], x: torch.Tensor, workers: list[int], repeats: int) -> dict[str, float]:
+    rates = {}
+    for n in workers:
+        with make(n) as energy:
+            energy.evaluate(x[: max(4, 2 * n)])  # start the workers before timing
+            rates[f"workers_{n}"] = _best_rate(lambda e=energy: e.evaluate(x), len(x), repeats)
+    return rates
+
+
+def bench_energies(
+    n_frames: int = 2000,
+    n_xtb_frames: int = 1000,
+    workers: tuple[int, ...] = (1, 2),
+    repeats: int = 3,
+    backends: tuple[str, ...] = ("xtb", "tblite"),
+    system_name: str = "alanine_dipeptide",
+) -> dict[str, Any]:
+    """Frames/s (energy + forces) for raw loops and bgplugin's pooled energies.
+
+    Returns a dict with ``openmm`` and ``xtb_<backend>`` sections, each holding
+    ``raw`` (frames/s of the single-engine loop in this process),
+    ``workers_<n>`` (frames/s of the bgplugin energy) and the ratios
+    ``per_worker_<n>`` = rate / (n * raw) and ``speedup_<n>`` = rate / raw.
+    """
+    start = time.perf_counter()
+    system = get_system(system_name)
+    if not isinstance(system, MolecularSystem):
+        raise ValueError(f"bench energies needs a molecular system, got {system_name!r}")
+    rng = np.random.default_rng(0)
+    frames = system.positions[None] + 0.003 * rng.standard_normal((n_frames, system.n_particles, 3))
+    x = torch.as_tensor(frames)
+    worker_list = list(workers)
+    out: dict[str, Any] = {
+        "machine": machine_record(),
+        "settings": {
+            "system": system_name, "n_frames_openmm": n_frames, "n_frames_xtb": n_xtb_frames,
+            "workers": worker_list, "repeats": repeats, "openmm_platform": "CPU (Threads=1)",
+            "what": "energy + forces per frame; best of repeats",
+        },
+    }  # fmt: skip
+
+    def summarize(raw: float, rates: dict[str, float]) -> dict[str, float]:
+        section = {"raw": raw, **rates}
+        for n in worker_list:
+            section[f"speedup_{n}"] = rates[f"workers_{n}"] / raw
+            section[f"per_worker_{n}"] = rates[f"workers_{n}"] / (n * raw)
+        return section
+
+    logger.info("OpenMM: %d frames", n_frames)
+    raw = _best_rate(lambda: raw_openmm_loop(system, frames), n_frames, repeats)
+    rates = _engine_rates(lambda n: OpenMMEnergy(system, "CPU", n_workers=n), x, worker_list, repeats)
+    out["openmm"] = summarize(raw, rates)
+    for backend in backends:
+        logger.info("xTB (%s): %d frames", backend, n_xtb_frames)
+        xf = frames[:n_xtb_frames]
+        raw = _best_rate(lambda b=backend, f=xf: raw_xtb_loop(system.atomic_numbers, f, b), n_xtb_frames, 1)
+        rates = _engine_rates(
+            lambda n, b=backend: XTBEnergy(system.atomic_numbers, backend=b, n_workers=n),
+            torch.as_tensor(xf), worker_list, 1,
+        )  # fmt: skip
+        out[f"xtb_{backend}"] = summarize(raw, rates)
+    out["wall_seconds"] = time.perf_counter() - start
+    return out
+
+
+def format_energies(result: dict[str, Any]) -> str:
+    """A table of :func:`bench_energies` results."""
+    workers = result["settings"]["workers"]
+    head = f"{'engine':<14}{'raw loop':>12}" + "".join(f"{f'{n} worker(s)':>14}{'per worker':>12}" for n in workers)
+    lines = [f"frames/s, energy + forces, {result['settings']['system']}", head]
+    for key in [k for k in result if k == "openmm" or k.startswith("xtb_")]:
+        s = result[key]
+        row = f"{key:<14}{s['raw']:>12.1f}"
+        row += "".join(f"{s[f'workers_{n}']:>14.1f}{s[f'per_worker_{n}']:>11.2f}x" for n in workers)
+        lines.append(row)
+    lines.append(f"wall time {result['wall_seconds']:.0f} s on {result['machine']['cpu_count']} CPUs "
+                 f"({result['machine']['host_cpu']})")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The ``bgplugin`` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch / xTB load their OpenMP runtime
+
+
+def _info(args: argparse.Namespace) -> int:
+    from bgplugin.fileio import write_json
+    from bgplugin.info import collect_info, finite_energies, format_info
+
+    info = collect_info(evaluate=not args.no_eval)
+    print(format_info(info))
+    if args.out:
+        print(f"\nwrote {write_json(args.out, info)}")
+    if not args.no_eval and not finite_energies(info):
+        print("error: a bundled system gave a non-finite energy", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_energies(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.energies import bench_energies, format_energies
+    from bgplugin.fileio import write_json
+
+    result = bench_energies(
+        n_frames=args.frames,
+        n_xtb_frames=args.xtb_frames,
+        workers=tuple(args.workers),
+        repeats=args.repeats,
+        backends=tuple(args.backends),
+    )
+    print(format_energies(result))
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bgplugin", description="Boltzmann generators for OpenMM workflows.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, engines, systems and a live energy of each bundled system")
+    info.add_argument("--out", help="also write the report as JSON to this file")
+    info.add_argument("--no-eval", action="store_true", help="skip the live energy evaluations")
+    info.set_defaults(func=_info)
+
+    bench = sub.add_parser("bench", help="benchmarks that print (and optionally save) numbers")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True)
+    energies = bench_sub.add_parser("energies", help="frames/s: raw engine loops vs OpenMMEnergy / XTBEnergy")
+    energies.add_argument("--frames", type=_positive_int, default=2000, help="OpenMM frames per pass (2000)")
+    energies.add_argument("--xtb-frames", type=_positive_int, default=1000, help="xTB frames per pass (1000)")
+    energies.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="worker counts (1 2)")
+    energies.add_argument("--repeats", type=_positive_int, default=3, help="OpenMM passes; the best counts (3)")
+    energies.add_argument("--backends", nargs="+", choices=["xtb", "tblite"], default=["xtb", "tblite"])
+    energies.add_argument("--out", help="write the results as JSON to this file")
+    energies.set_defaults(func=_bench_energies)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

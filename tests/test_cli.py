@@ -1,0 +1,45 @@
+"""The command line: ``bgplugin info`` and ``bgplugin bench energies`` on small settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bgplugin.benchmarks.energies import bench_energies, format_energies
+from bgplugin.cli import main
+
+
+def test_info_reports_every_system_with_a_live_energy(tmp_path) -> None:
+    out = tmp_path / "info.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bgplugin.cli", "info", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OpenMM platforms:" in proc.stdout and "xTB backends:" in proc.stdout
+    info = json.loads(out.read_text())
+    assert {"dw4", "lj13", "lj55", "alanine_dipeptide", "alanine_dipeptide_vacuum"} <= set(info["systems"])
+    ala = info["systems"]["alanine_dipeptide"]
+    assert np.isfinite(ala["u_openmm_kT"]) and np.isfinite(ala["u_xtb_kT"])
+    assert "CPU" in info["openmm_platforms"]
+    assert info["xtb_backends"]["xtb"] and info["xtb_backends"]["tblite"]
+
+
+def test_bench_energies_small(tmp_path) -> None:
+    result = bench_energies(n_frames=40, n_xtb_frames=4, workers=(1,), repeats=1, backends=("tblite",))
+    for key in ("openmm", "xtb_tblite"):
+        section = result[key]
+        assert section["raw"] > 0 and section["workers_1"] > 0
+        assert section["per_worker_1"] == section["workers_1"] / section["raw"]
+    assert "frames/s" in format_energies(result)
+    assert result["machine"]["cpu_count"] >= 1 and result["wall_seconds"] > 0
+
+
+def test_bad_arguments_exit_with_a_message(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "energies", "--frames", "0"])
+    assert info.value.code == 2
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
