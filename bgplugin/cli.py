@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     energies.add_argument("--frames", type=_positive_int, default=2000, help="OpenMM frames per pass (2000)")
     energies.add_argument("--xtb-frames", type=_positive_int, default=1000, help="xTB frames per pass (1000)")
     energies.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="worker counts (1 2)")
-    energies.add_argument("--repeats", type=_positive_int, default=3, help="OpenMM passes; the best counts (3)")
+    energies.add_argument("--repeats", type=_positive_int, default=3, help="interleaved passes; best counts (3)")
     energies.add_argument("--backends", nargs="+", choices=["xtb", "tblite"], default=["xtb", "tblite"])
     energies.add_argument("--out", help="write the results as JSON to this file")
     energies.set_defaults(func=_bench_energies)

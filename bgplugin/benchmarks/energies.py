@@ -18,13 +18,33 @@ from bgplugin.units import BOHR_PER_NM
 logger = logging.getLogger(__name__)
 
 
-def _best_rate(fn: Callable[[], object], n_frames: int, repeats: int) -> float:
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n_frames / best
+def _elapsed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _interleaved_rates(
+    raw: Callable[[], object], make: Callable[[int], Any], x: torch.Tensor, workers: list[int], repeats: int
+) -> dict[str, float]:
+    """Best-of-``repeats`` frames/s of the raw loop and of each worker count.
+
+    The passes are interleaved (raw, 1 worker, 2 workers, raw, ...) so that a
+    noisy machine slows all of them alike instead of whichever ran last.
+    """
+    energies = {n: make(n) for n in workers}
+    try:
+        for n, energy in energies.items():
+            energy.evaluate(x[: max(4, 2 * n)])  # start the workers before timing
+        best = {"raw": np.inf} | {f"workers_{n}": np.inf for n in workers}
+        for _ in range(repeats):
+            best["raw"] = min(best["raw"], _elapsed(raw))
+            for n, energy in energies.items():
+                best[f"workers_{n}"] = min(best[f"workers_{n}"], _elapsed(lambda e=energy: e.evaluate(x)))
+    finally:
+        for energy in energies.values():
+            energy.close()
+    return {key: len(x) / seconds for key, seconds in best.items()}
 
 
 def raw_openmm_loop(system: MolecularSystem, frames: np.ndarray) -> None:
@@ -54,15 +74,6 @@ def raw_xtb_loop(numbers: np.ndarray, frames: np.ndarray, backend: str) -> None:
     for x in frames:
         calc.update(x * BOHR_PER_NM)
         result = calc.singlepoint(result)
-
-
-def _engine_rates(make: Callable[[int], Any], x: torch.Tensor, workers: list[int], repeats: int) -> dict[str, float]:
-    rates = {}
-    for n in workers:
-        with make(n) as energy:
-            energy.evaluate(x[: max(4, 2 * n)])  # start the workers before timing
-            rates[f"workers_{n}"] = _best_rate(lambda e=energy: e.evaluate(x), len(x), repeats)
-    return rates
 
 
 def bench_energies(
@@ -97,26 +108,31 @@ def bench_energies(
         },
     }  # fmt: skip
 
-    def summarize(raw: float, rates: dict[str, float]) -> dict[str, float]:
-        section = {"raw": raw, **rates}
+    def summarize(rates: dict[str, float]) -> dict[str, float]:
+        section = dict(rates)
         for n in worker_list:
-            section[f"speedup_{n}"] = rates[f"workers_{n}"] / raw
-            section[f"per_worker_{n}"] = rates[f"workers_{n}"] / (n * raw)
+            section[f"speedup_{n}"] = rates[f"workers_{n}"] / rates["raw"]
+            section[f"per_worker_{n}"] = rates[f"workers_{n}"] / (n * rates["raw"])
         return section
 
     logger.info("OpenMM: %d frames", n_frames)
-    raw = _best_rate(lambda: raw_openmm_loop(system, frames), n_frames, repeats)
-    rates = _engine_rates(lambda n: OpenMMEnergy(system, "CPU", n_workers=n), x, worker_list, repeats)
-    out["openmm"] = summarize(raw, rates)
+    out["openmm"] = summarize(
+        _interleaved_rates(
+            lambda: raw_openmm_loop(system, frames),
+            lambda n: OpenMMEnergy(system, "CPU", n_workers=n),
+            x, worker_list, repeats,
+        )  # fmt: skip
+    )
+    xf = frames[:n_xtb_frames]
     for backend in backends:
         logger.info("xTB (%s): %d frames", backend, n_xtb_frames)
-        xf = frames[:n_xtb_frames]
-        raw = _best_rate(lambda b=backend, f=xf: raw_xtb_loop(system.atomic_numbers, f, b), n_xtb_frames, 1)
-        rates = _engine_rates(
-            lambda n, b=backend: XTBEnergy(system.atomic_numbers, backend=b, n_workers=n),
-            torch.as_tensor(xf), worker_list, 1,
-        )  # fmt: skip
-        out[f"xtb_{backend}"] = summarize(raw, rates)
+        out[f"xtb_{backend}"] = summarize(
+            _interleaved_rates(
+                lambda b=backend: raw_xtb_loop(system.atomic_numbers, xf, b),
+                lambda n, b=backend: XTBEnergy(system.atomic_numbers, backend=b, n_workers=n),
+                torch.as_tensor(xf), worker_list, repeats,
+            )  # fmt: skip
+        )
     out["wall_seconds"] = time.perf_counter() - start
     return out
 
