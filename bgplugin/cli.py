@@ -42,6 +42,25 @@ def _bench_energies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_particles(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.particles import bench_particles, format_particles
+    from bgplugin.fileio import write_json
+
+    result = bench_particles(
+        args.benchmark,
+        args.objective,
+        args.minutes,
+        args.out_dir or f"runs/bench_{args.benchmark}_{args.objective}",
+        seed=args.seed,
+        n_eval_samples=args.eval_samples,
+        device=args.device,
+    )
+    print(format_particles(result))
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgplugin", description="Boltzmann generators for OpenMM workflows.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -62,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     energies.add_argument("--backends", nargs="+", choices=["xtb", "tblite"], default=["xtb", "tblite"])
     energies.add_argument("--out", help="write the results as JSON to this file")
     energies.set_defaults(func=_bench_energies)
+    for name in ("dw4", "lj13", "lj55"):
+        particles = bench_sub.add_parser(name, help=f"train and evaluate a CNF on the published {name.upper()} splits")
+        particles.add_argument("--objective", choices=["eqot", "ot", "cfm", "nll"], default="eqot")
+        particles.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget (10)")
+        particles.add_argument("--out", help="write the results as JSON to this file")
+        particles.add_argument("--out-dir", help="run folder: checkpoints, plots (default runs/bench_<system>_<obj>)")
+        particles.add_argument("--eval-samples", type=_positive_int, help="flow samples for ESS (system default)")
+        particles.add_argument("--seed", type=int, default=0)
+        particles.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        particles.set_defaults(func=_bench_particles)
     return parser
 
 

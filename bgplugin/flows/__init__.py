@@ -1,0 +1,38 @@
+"""Equivariant continuous normalizing flows with exact log-densities.
+
+``build_flow(system, field="egnn" | "kernel", **hyperparameters)`` returns a
+:class:`CNF` whose ``sample(n) -> (x, log_q)`` and ``log_prob(x)`` integrate
+the divergence exactly (closed form for both fields). See ``docs/flows.md``.
+"""
+
+from bgplugin.flows.bench import benchmark_divergence, select_rk4_steps
+from bgplugin.flows.build import FIELDS, FieldKind, SystemLike, build_flow, load_flow
+from bgplugin.flows.cnf import CNF, DeviceSpec, Solver, resolve_device
+from bgplugin.flows.divergence import DivergenceMode, ProbeDistribution
+from bgplugin.flows.egnn import EGNNField, Symmetry
+from bgplugin.flows.field import VectorField
+from bgplugin.flows.kernel import KernelField
+from bgplugin.flows.prior import MeanFreeGaussian
+from bgplugin.flows.subspace import mean_free_basis
+
+__all__ = [
+    "CNF",
+    "FIELDS",
+    "DeviceSpec",
+    "DivergenceMode",
+    "EGNNField",
+    "FieldKind",
+    "KernelField",
+    "MeanFreeGaussian",
+    "ProbeDistribution",
+    "Solver",
+    "Symmetry",
+    "SystemLike",
+    "VectorField",
+    "benchmark_divergence",
+    "build_flow",
+    "load_flow",
+    "mean_free_basis",
+    "resolve_device",
+    "select_rk4_steps",
+]

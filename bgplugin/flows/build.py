@@ -1,0 +1,162 @@
+"""Building a flow for a system, and loading a saved one."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from bgplugin.flows.cnf import (
+    CNF,
+    SAVE_FORMAT,
+    SAVE_VERSION,
+    DeviceSpec,
+    Solver,
+    resolve_device,
+)
+from bgplugin.flows.divergence import DivergenceMode
+from bgplugin.flows.egnn import EGNNField
+from bgplugin.flows.field import VectorField
+from bgplugin.flows.kernel import KernelField
+from bgplugin.flows.prior import MeanFreeGaussian
+
+__all__ = ["FIELDS", "FieldKind", "SystemLike", "build_flow", "load_flow"]
+
+logger = logging.getLogger(__name__)
+
+FieldKind = Literal["egnn", "kernel"]
+FIELDS: dict[str, type[VectorField]] = {"egnn": EGNNField, "kernel": KernelField}
+
+
+class SystemLike(Protocol):
+    """What :func:`build_flow` reads from a system (e.g. ``bgplugin.systems.System``)."""
+
+    n_particles: int
+    dim: int
+    atom_types: np.ndarray
+
+
+def build_flow(
+    system: SystemLike,
+    field: FieldKind = "egnn",
+    *,
+    prior_std: float = 1.0,
+    solver: Solver = "rk4",
+    steps: int = 20,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    divergence: DivergenceMode = "exact",
+    n_probes: int = 1,
+    adjoint: bool = False,
+    chunk_size: int | None = None,
+    memory_budget_mb: float = 1024.0,
+    device: DeviceSpec = "auto",
+    dtype: torch.dtype = torch.float32,
+    **hyperparameters: Any,
+) -> CNF:
+    """Build a CNF for a system; the one entry point for users and protocols.
+
+    Parameters
+    ----------
+    system : SystemLike
+        Provides ``n_particles``, ``dim`` and ``atom_types`` (shape (n_particles,)).
+    field : {"egnn", "kernel"}
+        Velocity field: :class:`~bgplugin.flows.EGNNField` or
+        :class:`~bgplugin.flows.KernelField`.
+    prior_std : float
+        Standard deviation of the mean-free Gaussian prior (length units).
+    solver, steps, atol, rtol, divergence, n_probes, adjoint, chunk_size, memory_budget_mb, device
+        See :class:`~bgplugin.flows.CNF`.
+    dtype : torch.dtype
+        Parameter dtype (float32 or float64).
+    **hyperparameters
+        Field hyperparameters, e.g. ``hidden=64, n_layers=5, symmetry="SE(n)"``
+        for EGNN or ``n_distance_kernels=32, max_distance=5.0`` for the kernel field.
+
+    Returns
+    -------
+    CNF
+    """
+    if field not in FIELDS:
+        raise ValueError(f"field must be one of {sorted(FIELDS)}, got {field!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    atom_types = np.asarray(system.atom_types)
+    if atom_types.shape != (system.n_particles,):
+        raise ValueError(
+            f"system {getattr(system, 'name', '?')!r} has atom_types of shape {atom_types.shape} "
+            f"but n_particles={system.n_particles}; the system definition is inconsistent"
+        )
+    field_class = FIELDS[field]
+    allowed = [name for name in inspect.signature(field_class).parameters if name not in ("atom_types", "dim")]
+    unknown = sorted(set(hyperparameters) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {field} hyperparameters {unknown}; valid ones are {allowed}")
+    vector_field = field_class(atom_types, system.dim, **hyperparameters)
+    prior = MeanFreeGaussian(system.n_particles, system.dim, prior_std)
+    flow = CNF(
+        vector_field,
+        prior,
+        solver=solver,
+        steps=steps,
+        atol=atol,
+        rtol=rtol,
+        divergence=divergence,
+        n_probes=n_probes,
+        adjoint=adjoint,
+        chunk_size=chunk_size,
+        memory_budget_mb=memory_budget_mb,
+        device=device,
+    ).to(dtype)
+    logger.info(
+        "built %s flow for %s: %d particles in %d-d, %d parameters, %s",
+        field,
+        getattr(system, "name", "system"),
+        system.n_particles,
+        system.dim,
+        sum(p.numel() for p in flow.parameters()),
+        flow.device,
+    )
+    return flow
+
+
+def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> CNF:
+    """Load a flow written by :meth:`CNF.save`.
+
+    Parameters
+    ----------
+    path : path-like
+        File written by :meth:`CNF.save`.
+    device : {"auto", "cpu", "cuda"} or torch.device
+        Where to put the loaded flow.
+
+    Returns
+    -------
+    CNF
+        Same hyperparameters, options, dtype and weights as the saved flow.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ValueError(f"no saved flow at {str(source)!r}; check the path (CNF.save writes one file)")
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{str(source)!r} is not a file written by CNF.save (format key missing or different)")
+    if payload.get("version") != SAVE_VERSION:
+        raise ValueError(
+            f"{str(source)!r} has save format version {payload.get('version')}, this bgplugin reads "
+            f"version {SAVE_VERSION}; load it with the bgplugin version that wrote it"
+        )
+    kind = payload["field_kind"]
+    if kind not in FIELDS:
+        raise ValueError(f"{str(source)!r} holds an unknown field kind {kind!r}; known: {sorted(FIELDS)}")
+    field = FIELDS[kind](**payload["field"])
+    prior = MeanFreeGaussian(**payload["prior"])
+    flow = CNF(field, prior, **payload["options"], device="cpu").to(getattr(torch, payload["dtype"]))
+    flow.load_state_dict(payload["state_dict"])
+    logger.info("loaded %s flow from %s", kind, source)
+    return flow.to(resolve_device(device))

@@ -1,0 +1,79 @@
+"""Training objectives and the training loop.
+
+- :mod:`~bgplugin.training.pairing`: couplings of prior and data batches
+  (none, OT, equivariant OT: Hungarian + Kabsch + POT), batched Kabsch.
+- :mod:`~bgplugin.training.flow_matching`: conditional flow matching.
+- :mod:`~bgplugin.training.likelihood`: maximum likelihood, reverse KL, ML+KL.
+- :mod:`~bgplugin.training.trainer`: AdamW, schedules, EMA, clipping, exact
+  resume, CSV/PNG logs, step and time budgets.
+"""
+
+from bgplugin.training.flow_matching import (
+    FlowMatching,
+    FlowMatchingBatch,
+    conditional_flow_matching_loss,
+    sample_conditional_path,
+)
+from bgplugin.training.likelihood import (
+    MLKL,
+    DataBatch,
+    LambdaSchedule,
+    MaximumLikelihood,
+    ReverseKL,
+    linlog_cutoff,
+    nll_loss,
+    reverse_kl_loss,
+)
+from bgplugin.training.pairing import (
+    Pairing,
+    PairingMethod,
+    PairingResult,
+    aligned_squared_distance,
+    equivariant_cost_matrix,
+    kabsch_rotation,
+    optimal_permutation,
+    ot_assignment,
+    squared_distance_matrix,
+)
+from bgplugin.training.trainer import (
+    ExponentialMovingAverage,
+    LossOutput,
+    Objective,
+    Trainer,
+    TrainerConfig,
+    TrainingData,
+    TrainingSummary,
+    weighted_mean,
+)
+
+__all__ = [
+    "MLKL",
+    "DataBatch",
+    "ExponentialMovingAverage",
+    "FlowMatching",
+    "FlowMatchingBatch",
+    "LambdaSchedule",
+    "LossOutput",
+    "MaximumLikelihood",
+    "Objective",
+    "Pairing",
+    "PairingMethod",
+    "PairingResult",
+    "ReverseKL",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingData",
+    "TrainingSummary",
+    "aligned_squared_distance",
+    "conditional_flow_matching_loss",
+    "equivariant_cost_matrix",
+    "kabsch_rotation",
+    "linlog_cutoff",
+    "nll_loss",
+    "optimal_permutation",
+    "ot_assignment",
+    "reverse_kl_loss",
+    "sample_conditional_path",
+    "squared_distance_matrix",
+    "weighted_mean",
+]

@@ -1,0 +1,819 @@
+r"""The training loop: AdamW, learning-rate schedule, EMA, clipping, exact resume, logs.
+
+:class:`Trainer` runs any :class:`Objective` (flow matching, likelihood,
+reverse KL, ML+KL) on a flow. Batches are a deterministic function of the
+step number and the seed (each step draws from its own generator), so a run
+resumed from a checkpoint repeats exactly the batches the uninterrupted run
+would have seen, whether or not batches are built in worker processes.
+
+Files written to ``out_dir`` (all replaced atomically):
+
+``checkpoint.pt``
+    model, optimiser, scheduler, EMA, RNG states, step, elapsed time;
+``loss.csv``
+    one row per step: loss, learning rate, gradient norm, time split and the
+    objective's metrics;
+``loss.png``
+    the loss curve with a moving average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Protocol, get_args
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+LRSchedule = Literal["constant", "cosine", "linear"]
+StopReason = Literal["max_steps", "max_minutes", "stop_at"]
+
+CHECKPOINT_FORMAT = "bgplugin.training.checkpoint"
+CHECKPOINT_VERSION = 1
+_FIXED_COLUMNS = ("step", "loss", "lr", "grad_norm", "data_seconds", "step_seconds", "elapsed_seconds")
+
+
+# ------------------------------------------------------------------ objectives
+class LossOutput(NamedTuple):
+    """What an objective returns for one batch.
+
+    Attributes
+    ----------
+    loss : Tensor, shape ()
+        Scalar to minimise (differentiable in the model's parameters).
+    metrics : dict of str to float
+        Diagnostics logged next to the loss (same keys at every step).
+    """
+
+    loss: Tensor
+    metrics: dict[str, float]
+
+
+class Objective(Protocol):
+    """A training objective: builds batches (possibly in worker processes) and scores them.
+
+    ``make_batch`` runs on the CPU, in the main process or in a data-loader
+    worker, and must draw all its randomness from ``generator``; ``loss`` runs
+    in the main process on the model's device.
+    """
+
+    #: Whether the objective needs training data (False for reverse KL).
+    requires_data: bool
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> Any:
+        """Build one batch from data ``x1`` (batch, n_particles, dim) and weights (batch,) or None."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> LossOutput:
+        """Loss of ``model`` on ``batch`` at optimiser step ``step``."""
+        ...
+
+
+def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    r"""Self-normalised weighted mean :math:`\sum_i w_i v_i / \sum_i w_i`.
+
+    Parameters
+    ----------
+    values : Tensor, shape (batch,)
+    weights : Tensor, shape (batch,), or None
+        Non-negative sample weights, not all zero; ``None`` means uniform.
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    if weights is None:
+        return values.mean()
+    if weights.shape != values.shape:
+        raise ValueError(f"weights must have shape {tuple(values.shape)}, got {tuple(weights.shape)}")
+    weights = weights.to(values)
+    total = weights.sum()
+    if not total > 0:
+        raise ValueError(f"weights of a batch must have a positive sum, got {float(total)}; check the sample weights")
+    return (weights * values).sum() / total
+
+
+# ------------------------------------------------------------------------ data
+class TrainingData:
+    r"""Training configurations with optional per-sample weights.
+
+    Parameters
+    ----------
+    positions : Tensor or ndarray, shape (n_samples, n_particles, dim)
+        Configurations in the system's length unit (nm for molecules,
+        reduced units for particle systems). The centre of mass (uniform
+        weights) is removed, as the flows work on mean-free coordinates.
+    weights : Tensor or ndarray, shape (n_samples,), optional
+        Non-negative importance weights (e.g. :math:`w \propto e^{\log w - \max \log w}`
+        from biased simulations). Losses are self-normalised weighted means
+        over each minibatch.
+    """
+
+    def __init__(self, positions: Tensor | np.ndarray, weights: Tensor | np.ndarray | None = None) -> None:
+        x = torch.as_tensor(positions)
+        if x.ndim != 3 or x.shape[0] < 1:
+            raise ValueError(
+                f"positions must have shape (n_samples, n_particles, dim), got {tuple(x.shape)}; "
+                "reshape flattened coordinates with positions.reshape(n_samples, n_particles, dim)"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"positions must be floating point, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("positions contain NaN or inf; remove those frames first")
+        centre = x.mean(dim=1, keepdim=True)
+        if centre.abs().max() > 1e-5 * max(1.0, float(x.abs().max())):
+            logger.info("TrainingData: removed the centre of mass of %d configurations", x.shape[0])
+        self.positions = (x - centre).detach().cpu().contiguous()
+        self.weights: Tensor | None = None
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=self.positions.dtype).detach().cpu()
+            if w.shape != (x.shape[0],):
+                raise ValueError(f"weights must have shape ({x.shape[0]},), got {tuple(w.shape)}")
+            if not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError("weights must be finite and >= 0; pass exp(log_w - log_w.max()) for log-weights")
+            if not w.sum() > 0:
+                raise ValueError("weights must not all be zero")
+            self.weights = w.contiguous()
+
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+    def __repr__(self) -> str:
+        n, n_particles, dim = self.positions.shape
+        return f"TrainingData({n} samples, {n_particles} particles in {dim}-d, weighted={self.weights is not None})"
+
+    @property
+    def n_particles(self) -> int:
+        """Particles per configuration."""
+        return self.positions.shape[1]
+
+    @property
+    def dim(self) -> int:
+        """Spatial dimension."""
+        return self.positions.shape[2]
+
+
+class _StepBatches(torch.utils.data.Dataset[Any]):
+    """Batch number ``step`` of a run: minibatch indices and all randomness from a per-step generator."""
+
+    def __init__(self, objective: Objective, data: TrainingData | None, batch_size: int, seed: int) -> None:
+        self.objective = objective
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __getitem__(self, step: int) -> Any:
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step))
+        if self.data is None:
+            return self.objective.make_batch(None, None, generator)
+        index = torch.randint(len(self.data), (self.batch_size,), generator=generator)
+        weights = None if self.data.weights is None else self.data.weights[index]
+        return self.objective.make_batch(self.data.positions[index], weights, generator)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the generator that builds batch ``step`` of a run with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _unbatched(batch: Any) -> Any:
+    return batch
+
+
+# ---------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Settings of a :class:`Trainer`.
+
+    Parameters
+    ----------
+    max_steps : int
+        Optimiser steps of the run; also the length of the learning-rate schedule.
+    max_minutes : float or None
+        Wall-clock budget of the run in minutes, summed over resumed sessions;
+        training stops (and checkpoints) at the first step past it. The
+        schedule still spans ``max_steps``.
+    batch_size : int
+        Data samples per step.
+    lr : float
+        Peak learning rate of AdamW.
+    weight_decay : float
+        AdamW's decoupled weight decay.
+    betas : tuple of float
+        AdamW's moment coefficients.
+    schedule : {"constant", "cosine", "linear"}
+        Learning-rate decay after warm-up, from ``lr`` to ``lr * min_lr_factor``.
+    warmup_steps : int
+        Linear warm-up from 0 to ``lr``.
+    min_lr_factor : float
+        Final learning rate as a fraction of ``lr``.
+    grad_clip : float or None
+        Clip the global gradient norm to this value; ``None``: no clipping.
+    ema_decay : float or None
+        Keep an exponential moving average of the parameters with this decay
+        (e.g. 0.999); ``None``: no EMA.
+    seed : int
+        Seed of the batch stream (minibatches, prior samples, times, noise).
+    num_workers : int
+        Data-loader worker processes that build batches (including the OT
+        pairing) while the main process trains; 0 builds them in the main
+        process. Results do not depend on it.
+    prefetch_factor : int
+        Batches prepared ahead per worker.
+    checkpoint_every : int
+        Steps between checkpoints (one is always written at the end).
+    log_every : int
+        Steps between flushes of ``loss.csv`` and progress-bar updates.
+    out_dir : str, Path or None
+        Where checkpoints and logs go; ``None``: nothing is written and runs
+        cannot be resumed.
+    progress : bool
+        Show a tqdm progress bar.
+    max_nonfinite_steps : int
+        Consecutive steps with a non-finite loss or gradient (skipped) after
+        which training stops with an error.
+    """
+
+    max_steps: int = 10_000
+    max_minutes: float | None = None
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: LRSchedule = "cosine"
+    warmup_steps: int = 0
+    min_lr_factor: float = 0.0
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    out_dir: str | Path | None = None
+    progress: bool = True
+    max_nonfinite_steps: int = 20
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "checkpoint_every", "log_every", "prefetch_factor")
+        for name in (*positive, "max_nonfinite_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "num_workers", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.schedule not in get_args(LRSchedule):
+            raise ValueError(f"schedule must be one of {get_args(LRSchedule)}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_factor <= 1.0:
+            raise ValueError(f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+
+
+class _LearningRateFactor:
+    """Multiplier of the peak learning rate at a step: linear warm-up, then constant/cosine/linear decay."""
+
+    def __init__(self, schedule: LRSchedule, max_steps: int, warmup_steps: int, min_factor: float) -> None:
+        self.schedule = schedule
+        self.max_steps = max_steps
+        self.warmup_steps = warmup_steps
+        self.min_factor = min_factor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
+        return self.min_factor + (1.0 - self.min_factor) * shape
+
+
+# ------------------------------------------------------------------------- EMA
+class ExponentialMovingAverage:
+    r"""Exponential moving average of parameters, :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta`.
+
+    Parameters
+    ----------
+    parameters : iterable of Parameter
+        The parameters to average (their order defines the state).
+    decay : float
+        :math:`\beta \in (0, 1)`.
+    """
+
+    def __init__(self, parameters: Iterable[nn.Parameter], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.parameters = list(parameters)
+        self.shadow = [p.detach().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the current parameters."""
+        for average, parameter in zip(self.shadow, self.parameters, strict=True):
+            average.lerp_(parameter.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Overwrite the parameters with their averages."""
+        for average, parameter in zip(self.shadow, self.parameters, strict=True):
+            parameter.copy_(average)
+
+    @contextlib.contextmanager
+    def average_parameters(self) -> Iterator[None]:
+        """Context in which the parameters hold their averages; restored on exit."""
+        saved = [p.detach().clone() for p in self.parameters]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, saved, strict=True):
+                    parameter.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Decay and averages, for checkpoints."""
+        return {"decay": self.decay, "shadow": [a.clone() for a in self.shadow]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the averages written by :meth:`state_dict`."""
+        shadow = state["shadow"]
+        if len(shadow) != len(self.shadow):
+            raise ValueError(
+                f"EMA state has {len(shadow)} tensors but the model has {len(self.shadow)} parameters; "
+                "load a checkpoint of the same model"
+            )
+        self.decay = float(state["decay"])
+        with torch.no_grad():
+            for average, value in zip(self.shadow, shadow, strict=True):
+                average.copy_(value)
+
+
+# --------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What a call to :meth:`Trainer.fit` did.
+
+    Attributes
+    ----------
+    step : int
+        Optimiser steps completed in total (including earlier sessions).
+    steps_this_session : int
+        Steps run by this call.
+    elapsed_seconds : float
+        Training wall-clock time summed over sessions, in s.
+    stopped_by : {"max_steps", "max_minutes", "stop_at"}
+        Why training stopped.
+    final_loss : float
+        Mean loss of the last ``log_every`` steps (NaN when no step ran).
+    mean_data_seconds : float
+        Mean time the main process waited for a batch, in s (includes
+        pairing when ``num_workers == 0``).
+    mean_step_seconds : float
+        Mean time of forward, backward and optimiser update, in s.
+    mean_pairing_seconds : float or None
+        Mean pairing time per batch reported by the objective, in s (also
+        when it ran in a worker); ``None`` if the objective does not pair.
+    skipped_steps : int
+        Steps skipped in this session because of a non-finite loss or gradient.
+    """
+
+    step: int
+    steps_this_session: int
+    elapsed_seconds: float
+    stopped_by: StopReason
+    final_loss: float
+    mean_data_seconds: float
+    mean_step_seconds: float
+    mean_pairing_seconds: float | None
+    skipped_steps: int
+
+
+@dataclass
+class _SessionTimes:
+    data: list[float] = field(default_factory=list)
+    step: list[float] = field(default_factory=list)
+    pairing: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- trainer
+class Trainer:
+    r"""Trains a flow on an objective with AdamW, a schedule, optional EMA and clipping.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The flow being trained (e.g. :class:`bgplugin.flows.CNF`); every
+        parameter that requires a gradient is optimised.
+    objective : Objective
+        E.g. :class:`~bgplugin.training.FlowMatching`,
+        :class:`~bgplugin.training.MaximumLikelihood`,
+        :class:`~bgplugin.training.ReverseKL`, :class:`~bgplugin.training.MLKL`.
+    config : TrainerConfig
+        Optimiser, schedule, budgets, logging.
+    data : TrainingData or None
+        Training configurations (and weights); required unless the objective
+        needs no data (reverse KL).
+
+    Examples
+    --------
+    >>> trainer = Trainer(flow, FlowMatching(flow.prior, pairing="eqot"),
+    ...                   TrainerConfig(max_steps=2000, out_dir="run"), TrainingData(x))  # doctest: +SKIP
+    >>> summary = trainer.fit()  # resumes from run/checkpoint.pt if present  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, model: nn.Module, objective: Objective, config: TrainerConfig, data: TrainingData | None = None
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if objective.requires_data and data is None:
+            raise ValueError(f"{type(objective).__name__} needs training data; pass data=TrainingData(positions)")
+        if not objective.requires_data and data is not None:
+            raise ValueError(f"{type(objective).__name__} does not use training data; pass data=None")
+        self.model = model
+        self.objective = objective
+        self.config = config
+        self.data = data
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("model has no parameters that require a gradient; nothing to train")
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            _LearningRateFactor(config.schedule, config.max_steps, config.warmup_steps, config.min_lr_factor),
+        )
+        self.ema = None if config.ema_decay is None else ExponentialMovingAverage(self.parameters, config.ema_decay)
+        self.out_dir = None if config.out_dir is None else Path(config.out_dir)
+        self.step = 0
+        self.elapsed_seconds = 0.0
+        self._history: list[tuple[int, float]] = []
+        self._pending_rows: list[dict[str, float]] = []
+        self._columns: list[str] | None = None
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``out_dir/checkpoint.pt``, or None without an output directory."""
+        return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+
+    @property
+    def csv_path(self) -> Path | None:
+        """``out_dir/loss.csv``, or None without an output directory."""
+        return None if self.out_dir is None else self.out_dir / "loss.csv"
+
+    @property
+    def plot_path(self) -> Path | None:
+        """``out_dir/loss.png``, or None without an output directory."""
+        return None if self.out_dir is None else self.out_dir / "loss.png"
+
+    # -------------------------------------------------------------------- fit
+    def fit(self, *, resume: bool = True, stop_at: int | None = None) -> TrainingSummary:
+        """Train until ``max_steps``, the time budget, or ``stop_at``.
+
+        Parameters
+        ----------
+        resume : bool
+            Continue from ``out_dir/checkpoint.pt`` if it exists (exactly: the
+            same batches, random numbers and updates as an uninterrupted run).
+        stop_at : int or None
+            Stop after this many total steps (for staged runs); the schedule
+            still spans ``max_steps``.
+
+        Returns
+        -------
+        TrainingSummary
+        """
+        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 0):
+            raise ValueError(f"stop_at must be an integer >= 0 or None, got {stop_at!r}")
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_checkpoint(self.checkpoint_path)
+        self._prepare_csv()
+        end = self.config.max_steps if stop_at is None else min(stop_at, self.config.max_steps)
+        start_step = self.step
+        times = _SessionTimes()
+        skipped = 0
+        consecutive_bad = 0
+        stopped_by: StopReason = "max_steps" if end == self.config.max_steps else "stop_at"
+        consistent = True
+        session_start = time.perf_counter()
+        elapsed_before = self.elapsed_seconds
+        bar = tqdm(
+            total=self.config.max_steps,
+            initial=self.step,
+            desc=type(self.objective).__name__,
+            disable=not self.config.progress,
+            dynamic_ncols=True,
+        )
+        batches = iter(self._loader(self.step, end))
+        try:
+            while self.step < end:
+                if self._over_budget(elapsed_before + time.perf_counter() - session_start):
+                    stopped_by = "max_minutes"
+                    break
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                step_start = time.perf_counter()
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                output = self.objective.loss(self.model, batch, self.step)
+                loss_value = float(output.loss.detach())
+                grad_norm = math.nan
+                good = math.isfinite(loss_value)
+                if good:
+                    output.loss.backward()
+                    max_norm = math.inf if self.config.grad_clip is None else self.config.grad_clip
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+                    good = math.isfinite(grad_norm)
+                consistent = False
+                if good:
+                    self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update()
+                lr = self.scheduler.get_last_lr()[0]
+                with warnings.catch_warnings():
+                    # the schedule follows the step count, also when an update was skipped
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                    self.scheduler.step()
+                self.step += 1
+                consistent = True
+                end_time = time.perf_counter()
+                self.elapsed_seconds = elapsed_before + end_time - session_start
+                times.data.append(step_start - wait_start)
+                times.step.append(end_time - step_start)
+                if "pairing_seconds" in output.metrics:
+                    times.pairing.append(output.metrics["pairing_seconds"])
+                if good:
+                    consecutive_bad = 0
+                else:
+                    skipped += 1
+                    consecutive_bad += 1
+                    logger.warning(
+                        "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+                        self.step, loss_value, grad_norm,
+                    )
+                    if consecutive_bad >= self.config.max_nonfinite_steps:
+                        raise RuntimeError(
+                            f"{consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                            f"(last loss {loss_value}); lower lr, set grad_clip, or check the energy/data"
+                        )
+                self._record(
+                    {
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "data_seconds": times.data[-1],
+                        "step_seconds": times.step[-1],
+                        "elapsed_seconds": self.elapsed_seconds,
+                        **output.metrics,
+                    }
+                )
+                bar.update(1)
+                if self.step % self.config.log_every == 0:
+                    self._flush_csv()
+                    bar.set_postfix(loss=f"{self._recent_loss():.4g}", refresh=False)
+                if self.step % self.config.checkpoint_every == 0:
+                    self._save_outputs()
+        except KeyboardInterrupt:
+            if consistent:
+                logger.warning("interrupted at step %d; writing a checkpoint before stopping", self.step)
+                self._save_outputs()
+            raise
+        finally:
+            bar.close()
+            del batches  # shuts down worker processes
+        self._save_outputs()
+        summary = TrainingSummary(
+            step=self.step,
+            steps_this_session=self.step - start_step,
+            elapsed_seconds=self.elapsed_seconds,
+            stopped_by=stopped_by,
+            final_loss=self._recent_loss(),
+            mean_data_seconds=float(np.mean(times.data)) if times.data else math.nan,
+            mean_step_seconds=float(np.mean(times.step)) if times.step else math.nan,
+            mean_pairing_seconds=float(np.mean(times.pairing)) if times.pairing else None,
+            skipped_steps=skipped,
+        )
+        pairing = (
+            "" if summary.mean_pairing_seconds is None else f", pairing {1e3 * summary.mean_pairing_seconds:.1f} ms"
+        )
+        logger.info(
+            "stopped at step %d (%s) after %.1f s: loss %.4g; per step: waited for data %.1f ms%s, network %.1f ms",
+            summary.step, stopped_by, summary.elapsed_seconds, summary.final_loss,
+            1e3 * summary.mean_data_seconds, pairing, 1e3 * summary.mean_step_seconds,
+        )
+        return summary
+
+    def _loader(self, start: int, end: int) -> torch.utils.data.DataLoader[Any]:
+        dataset = _StepBatches(self.objective, self.data, self.config.batch_size, self.config.seed)
+        workers = self.config.num_workers
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=range(start, end),
+            num_workers=workers,
+            collate_fn=_unbatched,
+            prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+            # a private generator: creating the iterator must not consume the global RNG
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _over_budget(self, elapsed: float) -> bool:
+        return self.config.max_minutes is not None and elapsed >= 60.0 * self.config.max_minutes
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write the full training state to ``path`` atomically (temporary file + ``os.replace``)."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "elapsed_seconds": self.elapsed_seconds,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": _rng_state(),
+        }
+        _atomic_write(Path(path), lambda stream: torch.save(state, stream))
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore the state written by :meth:`save_checkpoint` (model, optimiser, scheduler, EMA, RNG, step)."""
+        path = Path(path)
+        device = self.parameters[0].device
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a bgplugin training checkpoint (format {state.get('format')!r})")
+        if state["version"] > CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{path} has checkpoint version {state['version']}, newer than this bgplugin "
+                f"({CHECKPOINT_VERSION}); upgrade bgplugin"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError(
+                f"{path} was written {'with' if state['ema'] is not None else 'without'} EMA but this trainer has "
+                f"ema_decay={self.config.ema_decay}; use the configuration of the checkpointed run"
+            )
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        current = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
+        changed = sorted(k for k, v in state["config"].items() if current.get(k) != v)
+        if changed:
+            logger.info("resuming with changed settings: %s", ", ".join(changed))
+        self.step = int(state["step"])
+        self.elapsed_seconds = float(state["elapsed_seconds"])
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d (%.1f s trained)", path, self.step, self.elapsed_seconds)
+
+    def _save_outputs(self) -> None:
+        if self.out_dir is None:
+            return
+        self._flush_csv()
+        self.save_checkpoint(self.checkpoint_path)  # type: ignore[arg-type]
+        self._plot()
+
+    # -------------------------------------------------------------------- logs
+    def _record(self, row: dict[str, float]) -> None:
+        self._history.append((int(row["step"]), float(row["loss"])))
+        if self.out_dir is not None:
+            self._pending_rows.append(row)
+
+    def _recent_loss(self) -> float:
+        recent = [loss for _, loss in self._history[-self.config.log_every :] if math.isfinite(loss)]
+        return float(np.mean(recent)) if recent else math.nan
+
+    def _prepare_csv(self) -> None:
+        """Keep the rows of steps up to the current step (a resumed run rewrites the rest)."""
+        self._history = []
+        self._pending_rows = []
+        self._columns = None
+        path = self.csv_path
+        if path is None or not path.exists():
+            return
+        with path.open(newline="") as stream:
+            reader = csv.DictReader(stream)
+            columns = list(reader.fieldnames or [])
+            rows = [row for row in reader if int(row["step"]) <= self.step]
+        if self.step == 0 or not columns:
+            path.unlink()
+            return
+        self._columns = columns
+        self._history = [(int(row["step"]), float(row["loss"])) for row in rows]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(path, lambda stream: stream.write(text.getvalue().encode()))
+
+    def _flush_csv(self) -> None:
+        path = self.csv_path
+        if path is None or not self._pending_rows:
+            return
+        new_file = self._columns is None
+        if self._columns is None:
+            extra = sorted(k for k in self._pending_rows[0] if k not in _FIXED_COLUMNS)
+            self._columns = [*_FIXED_COLUMNS, *extra]
+        with path.open("w" if new_file else "a", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=self._columns, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerows(self._pending_rows)
+        self._pending_rows = []
+
+    def _plot(self) -> None:
+        path = self.plot_path
+        if path is None or not self._history:
+            return
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        steps = np.array([s for s, _ in self._history])
+        losses = np.array([v for _, v in self._history])
+        finite = np.isfinite(losses)
+        figure = Figure(figsize=(6.0, 4.0), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        axes.plot(steps[finite], losses[finite], lw=0.5, alpha=0.4, label="loss")
+        window = max(1, int(finite.sum()) // 50)
+        if window > 1:
+            smooth = np.convolve(losses[finite], np.ones(window) / window, mode="valid")
+            axes.plot(steps[finite][window - 1 :], smooth, lw=1.5, label=f"mean of {window} steps")
+        axes.set_xlabel("step")
+        axes.set_ylabel(f"{type(self.objective).__name__} loss")
+        axes.legend(loc="upper right")
+        figure.tight_layout()
+        _atomic_write(path, lambda stream: figure.savefig(stream, format="png"))
+
+
+# ----------------------------------------------------------------- utilities
+def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
+    """Write ``path`` via a temporary file in the same directory and ``os.replace``."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, key, position, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, key, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))

@@ -1,0 +1,220 @@
+"""``bench_particles``: a tiny DW4 run end to end, resume, the NLL convention and the ESS estimators.
+
+One short run (a few seconds of OT flow matching, 64 evaluation samples) is
+shared by the tests that read its result; the resume and mismatch tests work
+on copies of its output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from bgplugin.benchmarks.particles import (
+    DATA_FILES,
+    bench_particles,
+    data_dir,
+    evaluation_subset,
+    format_particles,
+    forward_ess,
+    kish_ess,
+    load_split,
+    prior_constant,
+)
+from bgplugin.flows import build_flow, load_flow
+from bgplugin.systems import get_system
+
+torch.set_num_threads(1)
+
+# A wall-clock budget well below the step budget, so the first run stops by time (mid-schedule).
+SMALL = {
+    "n_eval_samples": 64,
+    "n_integration_samples": 8,
+    "batch_size": 64,
+    "max_steps": 5000,
+    "progress": False,
+    "seed": 3,
+}
+MINUTES = 0.05  # 3 s
+
+needs_data = pytest.mark.skipif(
+    not (data_dir() / DATA_FILES["dw4"]["train"]).is_file(),
+    reason=f"DW4 benchmark data not found under {data_dir()}; set BGPLUGIN_DATA_DIR",
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    if not (data_dir() / DATA_FILES["dw4"]["train"]).is_file():
+        pytest.skip(f"DW4 benchmark data not found under {data_dir()}; set BGPLUGIN_DATA_DIR")
+    out = tmp_path_factory.mktemp("dw4_ot")
+    return bench_particles("dw4", "ot", MINUTES, out, **SMALL), out
+
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(out, target)
+    return target
+
+
+# ----------------------------------------------------------------- the run
+@needs_data
+def test_result_has_every_key(run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = run
+    required = {
+        "nll", "nll_with_prior_constant", "ess", "forward_ess", "path_length", "integration_error",
+        "train_seconds", "n_parameters", "device", "machine", "settings", "wall_seconds",
+    }  # fmt: skip
+    assert required <= set(result), f"missing keys: {sorted(required - set(result))}"
+    errors = {"log_q_max_abs", "log_q_mean_abs", "log_q_median_abs", "x_max_abs", "x_mean_abs"}
+    assert errors | {f"test_{key}" for key in errors} <= set(result["integration_error"])
+    assert result["settings"]["n_eval_samples"] == 64
+    assert result["device"].split(":")[0] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@needs_data
+def test_numbers_are_finite_and_in_range(run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = run
+    for key in ("nll", "nll_with_prior_constant", "path_length", "train_seconds", "wall_seconds"):
+        assert math.isfinite(result[key]), f"{key} = {result[key]}"
+    for key, value in result["integration_error"].items():
+        if isinstance(value, float):
+            assert math.isfinite(value) and value >= 0.0, f"integration_error[{key}] = {value}"
+    assert 0.0 < result["ess"] <= 1.0
+    assert 0.0 < result["forward_ess"] <= 1.0
+    assert result["path_length"] > 0.0
+    assert result["n_parameters"] > 0
+    assert result["failed_frames"] == 0
+    # It trained, and stopped by time. train_seconds is the time at the end of the last step; checkpoint
+    # and plot writes in between count towards the budget check, so it can be somewhat below the budget.
+    assert result["training"]["stopped_by"] == "max_minutes"
+    assert result["training"]["steps"] > 0
+    assert 0.5 * 60 * MINUTES <= result["train_seconds"] < 60 * MINUTES + 5.0
+
+
+@needs_data
+def test_prior_constant_difference(run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = run
+    difference = result["nll_with_prior_constant"] - result["nll"]
+    assert difference == pytest.approx(5.514, abs=1e-3)
+    assert difference == pytest.approx(3.0 * math.log(2.0 * math.pi), abs=1e-9)
+
+
+@needs_data
+def test_nll_with_prior_constant_is_minus_log_prob_of_the_saved_flow(run: tuple[dict[str, Any], Path]) -> None:
+    """The reported NLL is -CNF.log_prob (EMA weights, saved as flow.pt) on the documented test subset."""
+    result, out = run
+    system = get_system("dw4")
+    x_all = load_split(system, "test")
+    x = torch.as_tensor(x_all[evaluation_subset(len(x_all), result["settings"]["n_eval_test"], SMALL["seed"])])
+    flow = load_flow(out / "flow.pt", device="cpu")
+    with torch.no_grad():
+        nll = float(-flow.log_prob(x).double().mean())
+    assert result["nll_with_prior_constant"] == pytest.approx(nll, abs=1e-4)
+    assert result["nll"] == pytest.approx(nll - prior_constant(4, 2), abs=1e-4)
+
+
+@needs_data
+def test_plots_are_written(run: tuple[dict[str, Any], Path]) -> None:
+    result, out = run
+    for name in ("energy_histogram", "distance_histogram"):
+        path = Path(result["plots"][name])
+        assert path.parent == out
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert (out / "result.json").is_file()
+
+
+@needs_data
+def test_format_particles_shows_both_nlls(run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = run
+    text = format_particles(result)
+    assert f"{result['nll']:.3f}" in text
+    assert f"{result['nll_with_prior_constant']:.3f}" in text
+    assert "prior constant excluded" in text
+
+
+# ----------------------------------------------------------------- resume
+@needs_data
+def test_rerun_resumes_from_the_checkpoint(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    first, out = run
+    copy = _copy(out, tmp_path)
+    second = bench_particles("dw4", "ot", 2 * MINUTES, copy, **SMALL)
+    steps_before = first["training"]["steps"]
+    assert second["training"]["resumed"]
+    assert second["training"]["steps"] - second["training"]["steps_this_session"] == steps_before
+    assert second["training"]["steps_this_session"] > 0
+    assert second["train_seconds"] >= first["train_seconds"]
+    with (copy / "loss.csv").open() as stream:
+        steps = [int(row["step"]) for row in csv.DictReader(stream)]
+    assert steps == list(range(1, second["training"]["steps"] + 1))
+
+
+@needs_data
+def test_rerun_with_other_settings_is_refused(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    _, out = run
+    copy = _copy(out, tmp_path)
+    with pytest.raises(ValueError, match="objective"):
+        bench_particles("dw4", "eqot", MINUTES, copy, **SMALL)
+
+
+# ------------------------------------------------------------- conventions
+def test_cnf_log_prob_includes_the_prior_constant() -> None:
+    """With a zero field the flow is the prior: -log q = |x|^2/2 + ((N-1)D/2) ln 2 pi."""
+    system = get_system("dw4")
+    flow = build_flow(system, "egnn", hidden=8, n_layers=2, device="cpu")
+    with torch.no_grad():
+        for parameter in flow.field.parameters():
+            parameter.zero_()
+    x = torch.randn(16, 4, 2, generator=torch.Generator().manual_seed(0))
+    x = x - x.mean(1, keepdim=True)
+    with torch.no_grad():
+        minus_log_q = -flow.log_prob(x).double()
+    expected = 0.5 * x.double().square().sum((1, 2)) + prior_constant(4, 2)
+    torch.testing.assert_close(minus_log_q, expected, atol=1e-5, rtol=0.0)
+
+
+def test_prior_constants_of_the_benchmarks() -> None:
+    assert prior_constant(4, 2) == pytest.approx(5.514, abs=1e-3)
+    assert prior_constant(13, 3) == pytest.approx(33.082, abs=1e-3)
+    assert prior_constant(55, 3) == pytest.approx(148.868, abs=1e-3)
+
+
+def test_kish_ess_limits() -> None:
+    assert kish_ess(np.zeros(100)) == pytest.approx(1.0)
+    assert kish_ess(np.array([0.0, -1e3, -1e3, -1e3])) == pytest.approx(0.25)
+    # Failed samples are dropped from log_w but still count in n: weight 0.
+    assert kish_ess(np.zeros(50), n_total=100) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        kish_ess(np.array([0.0, -np.inf]))
+
+
+def test_kish_ess_matches_the_direct_formula() -> None:
+    log_w = np.random.default_rng(0).normal(size=1000)
+    w = np.exp(log_w)
+    assert kish_ess(log_w) == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-12)
+
+
+def test_forward_ess_limits() -> None:
+    assert forward_ess(np.full(10, 3.7)) == pytest.approx(1.0)
+    log_w = np.random.default_rng(1).normal(size=500)
+    w = np.exp(log_w)
+    assert forward_ess(log_w) == pytest.approx(len(w) ** 2 / (w.sum() * (1.0 / w).sum()), rel=1e-12)
+    assert forward_ess(log_w) < 1.0
+
+
+def test_lj55_without_data_names_the_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"lj55.*train_split_LJ55-1000-part1\.npy"):
+        bench_particles("lj55", "eqot", 0.1, tmp_path / "out", data_directory=tmp_path, progress=False)
+    assert not (tmp_path / "out").exists(), "nothing must be written before the data are found"
+
+
+def test_unknown_objective_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="objective must be one of"):
+        bench_particles("dw4", "kl", 0.1, tmp_path)  # type: ignore[arg-type]
