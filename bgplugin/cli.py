@@ -42,6 +42,23 @@ def _bench_energies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_divergence(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.divergence import bench_divergence, format_divergence
+    from bgplugin.fileio import write_json
+
+    models = {}
+    for item in args.model or []:
+        system, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --model takes SYSTEM=PATH, got {item!r}")
+        models[system] = path
+    result = bench_divergence(tuple(args.systems), models, args.tolerance, args.seed, args.threads)
+    print(format_divergence(result))
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
+
+
 def _bench_particles(args: argparse.Namespace) -> int:
     from bgplugin.benchmarks.particles import bench_particles, format_particles
     from bgplugin.fileio import write_json
@@ -81,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     energies.add_argument("--backends", nargs="+", choices=["xtb", "tblite"], default=["xtb", "tblite"])
     energies.add_argument("--out", help="write the results as JSON to this file")
     energies.set_defaults(func=_bench_energies)
+    divergence = bench_sub.add_parser("divergence", help="samples/s with exact log q: fast path vs autograd loop")
+    divergence.add_argument("--systems", nargs="+", choices=["dw4", "lj13", "alanine_dipeptide"],
+                            default=["dw4", "lj13", "alanine_dipeptide"])  # fmt: skip
+    divergence.add_argument("--model", action="append", metavar="SYSTEM=PATH", help="a trained flow to use")
+    divergence.add_argument("--tolerance", type=float, help="fewest RK4 steps for the fast path within this (nats)")
+    divergence.add_argument("--threads", type=_positive_int, default=1)
+    divergence.add_argument("--seed", type=int, default=0)
+    divergence.add_argument("--out", help="write the results as JSON to this file")
+    divergence.set_defaults(func=_bench_divergence)
     for name in ("dw4", "lj13", "lj55"):
         particles = bench_sub.add_parser(name, help=f"train and evaluate a CNF on the published {name.upper()} splits")
         particles.add_argument("--objective", choices=["eqot", "ot", "cfm", "nll"], default="eqot")

@@ -43,3 +43,17 @@ def test_bad_arguments_exit_with_a_message(capsys) -> None:
         main(["bench", "energies", "--frames", "0"])
     assert info.value.code == 2
     assert "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_bench_divergence_small(monkeypatch) -> None:
+    from bgplugin.benchmarks import divergence
+
+    monkeypatch.setitem(
+        divergence.MODELS, "dw4", {"n_layers": 2, "hidden": 16, "n_samples": 16, "batch_size": 16, "scale": 0.5}
+    )
+    result = divergence.bench_divergence(("dw4",))
+    r = result["dw4"]
+    assert r["samples_per_s_fast"] > 0 and r["samples_per_s_loop"] > 0
+    assert r["speedup"] == pytest.approx(r["samples_per_s_fast"] / r["samples_per_s_loop"])
+    assert r["logq_max_abs_difference_fast_vs_loop"] < 1e-3  # same model, same steps: same log q
+    assert "ratio" in divergence.format_divergence(result)
