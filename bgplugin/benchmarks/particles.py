@@ -56,6 +56,7 @@ from bgplugin.benchmarks.common import machine_record
 from bgplugin.energies.particles import pairwise_distances
 from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, DeviceSpec, FieldKind, build_flow
+from bgplugin.flows.bench import torch_threads
 from bgplugin.systems import System, get_system
 from bgplugin.training import FlowMatching, MaximumLikelihood, Trainer, TrainerConfig, TrainingData
 
@@ -239,19 +240,6 @@ def evaluation_subset(n_available: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_available, size=n, replace=False))
 
 
-@contextmanager
-def _threads(n_threads: int | None) -> Iterator[None]:
-    if n_threads is None:
-        yield
-        return
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1 or None, got {n_threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _make_objective(objective: BenchObjective, flow: CNF, system: System, sigma: float) -> Any:
@@ -646,7 +634,7 @@ def bench_particles(
         "train_file": DATA_FILES[system]["train"],
     }
 
-    with _threads(n_threads):
+    with torch_threads(n_threads):
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left alone
             torch.manual_seed(seed)
             flow = build_flow(sys_, field, steps=steps, device=device, **hyper)

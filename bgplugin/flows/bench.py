@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def _threads(n_threads: int | None) -> Iterator[None]:
+def torch_threads(n_threads: int | None) -> Iterator[None]:
     """Temporarily set ``torch.set_num_threads`` (None leaves it alone)."""
     if n_threads is None:
         yield
@@ -127,7 +127,7 @@ def benchmark_divergence(
     fast_flow = flow if steps_fast == flow.steps else flow.with_options(steps=steps_fast)
 
     generator = torch.Generator(device=flow.device).manual_seed(seed)
-    with _threads(n_threads):
+    with torch_threads(n_threads):
         z = flow.prior.sample(n_samples, generator=generator)
         # Warm-up on one small batch so that one-off costs are not timed.
         _timed_log_q(fast_flow, z[:1], 1, "exact")

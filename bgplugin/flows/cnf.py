@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
+from bgplugin.fileio import atomic_write
 from bgplugin.flows.divergence import (
     DivergenceMode,
     ProbeDistribution,
@@ -387,16 +387,7 @@ class CNF(nn.Module):
             "dtype": str(self.dtype).removeprefix("torch."),
             "state_dict": {key: value.detach().cpu() for key, value in self.state_dict().items()},
         }
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(payload, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(target, lambda stream: torch.save(payload, stream))
         logger.info("saved %s flow (%d parameters) to %s", self.field.kind, _n_parameters(self), target)
 
     # -- private hooks ------------------------------------------------------------------------

@@ -26,10 +26,9 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, get_args
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from bgplugin.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -671,7 +672,7 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": _rng_state(),
         }
-        _atomic_write(Path(path), lambda stream: torch.save(state, stream))
+        atomic_write(Path(path), lambda stream: torch.save(state, stream))
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore the state written by :meth:`save_checkpoint` (model, optimiser, scheduler, EMA, RNG, step)."""
@@ -742,7 +743,7 @@ class Trainer:
         writer = csv.DictWriter(text, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(path, lambda stream: stream.write(text.getvalue().encode()))
+        atomic_write(path, lambda stream: stream.write(text.getvalue().encode()))
 
     def _flush_csv(self) -> None:
         path = self.csv_path
@@ -781,24 +782,10 @@ class Trainer:
         axes.set_ylabel(f"{type(self.objective).__name__} loss")
         axes.legend(loc="upper right")
         figure.tight_layout()
-        _atomic_write(path, lambda stream: figure.savefig(stream, format="png"))
+        atomic_write(path, lambda stream: figure.savefig(stream, format="png"))
 
 
 # ----------------------------------------------------------------- utilities
-def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    """Write ``path`` via a temporary file in the same directory and ``os.replace``."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _rng_state() -> dict[str, Any]:
     kind, key, position, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
     return {
