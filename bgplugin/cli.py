@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     energies.add_argument("--xtb-frames", type=_positive_int, default=1000, help="xTB frames per pass (1000)")
     energies.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="worker counts (1 2)")
     energies.add_argument("--repeats", type=_positive_int, default=3, help="interleaved passes; best counts (3)")
-    energies.add_argument("--backends", nargs="+", choices=["xtb", "tblite"], default=["xtb", "tblite"])
+    energies.add_argument("--backends", nargs="*", choices=["xtb", "tblite"], default=["xtb", "tblite"], help="xTB backends to time (none: OpenMM only)")
     energies.add_argument("--out", help="write the results as JSON to this file")
     energies.set_defaults(func=_bench_energies)
     divergence = bench_sub.add_parser("divergence", help="samples/s with exact log q: fast path vs autograd loop")

@@ -67,8 +67,11 @@ class OpenMMEngine(Engine):
 
     def evaluate(self, x: np.ndarray, need_forces: bool) -> ChunkResult:
         status = screen_frames(x, self.spec.overlap_distance)
-        u = np.full(len(x), np.inf)
-        f = np.zeros_like(x)
+        energy = np.full(len(x), np.nan)
+        forces = np.zeros_like(x)
+        # The loop only moves numbers: checks and unit conversion run vectorised afterwards.
+        # State quantities are always in OpenMM's MD units (kJ/mol, kJ/mol/nm), so the raw
+        # values are read without a per-frame unit conversion.
         for k in np.flatnonzero(status == FrameStatus.OK):
             try:
                 self.context.setPositions(x[k])
@@ -77,21 +80,18 @@ class OpenMMEngine(Engine):
                 logger.debug("OpenMM raised on frame %d: %s", k, exc)
                 status[k] = FrameStatus.ENGINE_ERROR
                 continue
-            energy = state.getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole) / self.kt
-            forces = (
-                state.getForces(asNumpy=True).value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer)
-                / self.kt
-                if need_forces
-                else None
-            )
-            if not np.isfinite(energy) or (forces is not None and not np.isfinite(forces).all()):
-                status[k] = FrameStatus.NON_FINITE
-            elif energy > self.spec.max_energy:
-                status[k] = FrameStatus.ENERGY_TOO_HIGH
-            else:
-                u[k] = energy
-                if forces is not None:
-                    f[k] = forces
+            energy[k] = state.getPotentialEnergy()._value
+            if need_forces:
+                forces[k] = state.getForces(asNumpy=True)._value
+        evaluated = status == FrameStatus.OK
+        u = energy / self.kt
+        f = forces / self.kt
+        finite = np.isfinite(u) & np.isfinite(f).reshape(len(x), -1).all(axis=1)
+        status[evaluated & ~finite] = FrameStatus.NON_FINITE
+        status[evaluated & finite & (u > self.spec.max_energy)] = FrameStatus.ENERGY_TOO_HIGH
+        failed = status != FrameStatus.OK
+        u[failed] = np.inf
+        f[failed] = 0.0
         return u, f, status
 
 
