@@ -52,17 +52,15 @@ class ParticleEnergy(Energy):
     def _evaluate(self, x: Tensor, need_forces: bool) -> EnergyResult:
         status = np.zeros(len(x), dtype=np.int8)
         nan = torch.isnan(x).flatten(1).any(dim=1)
-        with torch.no_grad():
-            x_safe = torch.where(nan[:, None, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
-            bad = nan | ~torch.isfinite(self._energy(x_safe))
+        x_safe = torch.where(nan[:, None, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
+        u = self._energy(x_safe)
+        bad = nan | ~torch.isfinite(u.detach())
         status[nan.cpu().numpy()] = FrameStatus.NAN_COORDINATES
         status[(bad & ~nan).cpu().numpy()] = FrameStatus.NON_FINITE
-        if bad.any():
+        if bad.any():  # re-evaluate without the bad frames so no NaN reaches the good frames' gradient
             good = torch.nonzero(~bad).flatten()
             u = torch.full((len(x),), torch.inf, dtype=x.dtype, device=x.device)
             u = u.index_put((good,), self._energy(x.index_select(0, good)))
-        else:
-            u = self._energy(x)
         if not need_forces:
             return EnergyResult(u, torch.empty(0), status)
         (grad,) = torch.autograd.grad(u[~bad].sum(), x, create_graph=False) if (~bad).any() else (torch.zeros_like(x),)
