@@ -166,17 +166,31 @@ def test_hung_worker_times_out_and_others_survive(ala2, ala2_frames: np.ndarray)
 def test_worker_killed_mid_batch_from_outside(ala2) -> None:
     """SIGKILL one worker while it works: the call returns with every frame evaluated."""
     rng = np.random.default_rng(3)
-    x = ala2.positions[None] + 0.003 * rng.standard_normal((3000, 22, 3))
+    x = ala2.positions[None] + 0.003 * rng.standard_normal((6000, 22, 3))
     with OpenMMEnergy(ala2, platform="Reference", n_workers=2, chunk_size=500, timeout=120) as energy:
         energy.evaluate(torch.as_tensor(x[:2]))
-        victim = energy.executor.pids[0]
-        killer = threading.Timer(0.3, os.kill, args=(victim, signal.SIGKILL))
+        pool = energy.executor
+        victim = pool.pids[0]
+        killed = threading.Event()
+
+        def kill_when_busy() -> None:
+            # Kill only once the victim holds a task, however fast this machine is.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if pool._workers[0].task is not None and pool._workers[0].process.pid == victim:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.001)
+
+        killer = threading.Thread(target=kill_when_busy)
         killer.start()
         start = time.monotonic()
         result = energy.evaluate(torch.as_tensor(x))
         killer.join()
+        assert killed.is_set()
         assert time.monotonic() - start < 120
-        assert energy.executor.n_restarts >= 1
+        assert pool.n_restarts >= 1
         ok = result.status == FrameStatus.OK
         assert ok.sum() >= len(x) - 1
         u_ref, _ = direct(ala2, x[ok][:200])
