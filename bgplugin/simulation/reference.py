@@ -5,6 +5,8 @@
 * :func:`alanine_pt_reference`: parallel tempering, the population of
   phi > 0 at 300 K with its error (from the 300 K frames, and from all
   temperatures reweighted with MBAR).
+* :func:`bundled_reference`: the umbrella reference shipped in
+  ``systems/references/`` (profile and dF with errors, and how it was made).
 * :func:`compare_references`: do two umbrella runs agree within their
   errors, and does parallel tempering agree with umbrella sampling?
 
@@ -19,16 +21,24 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bgplugin.fileio import write_json
-from bgplugin.simulation.profiles import PHI_NEGATIVE, PHI_POSITIVE, FreeEnergyProfile, delta_f, plot_profile
+from bgplugin.simulation.profiles import (
+    PHI_NEGATIVE,
+    PHI_POSITIVE,
+    FreeEnergyDifference,
+    FreeEnergyProfile,
+    delta_f,
+    plot_profile,
+)
 from bgplugin.simulation.tempering import run_parallel_tempering
 from bgplugin.simulation.umbrella import UmbrellaResult, run_umbrella
-from bgplugin.systems import get_system
+from bgplugin.systems import get_system, systems_dir
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +184,53 @@ def compare_references(umbrella_dirs: Sequence[str | Path], pt_dir: str | Path |
     plot_profile(profiles, dirs[0] / "comparison.png", labels=[d.name for d in dirs])
     write_json(dirs[0] / "comparison.json", out)
     return out
+
+
+@dataclass(frozen=True)
+class BundledReference:
+    """A reference result shipped with bgplugin (``systems/references/``).
+
+    Attributes
+    ----------
+    profile : FreeEnergyProfile
+        F(cv) in kT with bootstrap errors.
+    delta_f : FreeEnergyDifference
+        dF(phi > 0 vs phi < 0) in kT with its error.
+    metadata : dict
+        Settings, the command that reproduces it, the machine, notes.
+    """
+
+    profile: FreeEnergyProfile
+    delta_f: FreeEnergyDifference
+    metadata: dict[str, Any]
+
+
+def bundled_reference(system: str = "alanine_dipeptide") -> BundledReference:
+    """Load the umbrella-sampling reference bundled for ``system``.
+
+    The alanine dipeptide reference (OBC implicit solvent, 300 K) was made with
+    :func:`alanine_umbrella_reference` (36 windows, 0.25 ns each); its
+    metadata holds the exact command. Raises ``FileNotFoundError`` naming the
+    systems that have one when ``system`` has none.
+    """
+    folder = systems_dir() / "references"
+    summary_path = folder / f"{system}_reference.json"
+    if not summary_path.is_file():
+        have = sorted(p.name.removesuffix("_reference.json") for p in folder.glob("*_reference.json"))
+        raise FileNotFoundError(
+            f"no bundled reference for system {system!r} (looked for {summary_path}); references exist for {have}. "
+            "Run bgplugin.simulation.reference.alanine_umbrella_reference to make one."
+        )
+    meta = json.loads(summary_path.read_text())
+    profile = FreeEnergyProfile.load(folder / meta["profile_file"])
+    d = meta["delta_f_phi_positive_minus_negative"]
+    diff = FreeEnergyDifference(
+        float(d["delta_f_kT"]),
+        float(d["error_kT"]),
+        d.get("temperature"),
+        tuple(d["state_a"]),
+        tuple(d["state_b"]),
+        d["cv_name"],
+        f"bundled reference: {d.get('method', '')}",
+    )
+    return BundledReference(profile, diff, meta)
