@@ -25,6 +25,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from bgplugin.protocols import load_protocol, run_protocol
+
+    protocol = load_protocol(args.protocol)
+    out = args.out or f"runs/{protocol.name}"
+    print(f"running protocol {protocol.name!r} ({' -> '.join(protocol.steps)}) in {out}", flush=True)
+    results = run_protocol(
+        protocol, out, device=args.device, overwrite=args.overwrite, stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    report = os.path.join(out, "report.md")
+    if os.path.isfile(report):
+        with open(report) as handle:
+            print(handle.read())
+    print(f"results: {os.path.join(out, 'results.json')}")
+    del results
+    return 0
+
+
 def _bench_energies(args: argparse.Namespace) -> int:
     from bgplugin.benchmarks.energies import bench_energies, format_energies
     from bgplugin.fileio import write_json
@@ -88,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-eval", action="store_true", help="skip the live energy evaluations")
     info.set_defaults(func=_info)
 
+    run = sub.add_parser(
+        "run", help="run a YAML protocol (default: the bundled quickstart) in a resumable run directory"
+    )
+    run.add_argument("protocol", nargs="?", default="quickstart",
+                     help="protocol file, or the name of a bundled one (quickstart, ala2_classical, ala2_xtb, dw4, "
+                          "lj13); default: quickstart")  # fmt: skip
+    run.add_argument("--out", help="run directory (default runs/<protocol name>); rerunning resumes there")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                     help="where the flow trains and samples (default: the protocol's device)")  # fmt: skip
+    run.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
+    run.add_argument("--stop-after", help="stop after this step (simulate, train, sample, reweight, profile, ...)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
     bench = sub.add_parser("bench", help="benchmarks that print (and optionally save) numbers")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True)
     energies = bench_sub.add_parser("energies", help="frames/s: raw engine loops vs OpenMMEnergy / XTBEnergy")
@@ -95,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     energies.add_argument("--xtb-frames", type=_positive_int, default=1000, help="xTB frames per pass (1000)")
     energies.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], help="worker counts (1 2)")
     energies.add_argument("--repeats", type=_positive_int, default=3, help="interleaved passes; best counts (3)")
-    energies.add_argument("--backends", nargs="*", choices=["xtb", "tblite"], default=["xtb", "tblite"], help="xTB backends to time (none: OpenMM only)")
+    energies.add_argument("--backends", nargs="*", choices=["xtb", "tblite"], default=["xtb", "tblite"],
+                          help="xTB backends to time (none: OpenMM only)")
     energies.add_argument("--out", help="write the results as JSON to this file")
     energies.set_defaults(func=_bench_energies)
     divergence = bench_sub.add_parser("divergence", help="samples/s with exact log q: fast path vs autograd loop")

@@ -1,0 +1,429 @@
+"""The steps of a protocol. Each reads what earlier steps left in the run directory and returns a summary.
+
+Every step can be interrupted and rerun: simulations resume from their
+files, training from its checkpoint, sampling from its finished chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bgplugin.data import Dataset
+from bgplugin.fileio import atomic_write, write_json
+from bgplugin.flows import build_flow, load_flow, resolve_device
+from bgplugin.protocols.config import (
+    MDConfig,
+    ParallelTemperingConfig,
+    Protocol,
+    UmbrellaConfig,
+    XTBRelaxConfig,
+)
+from bgplugin.protocols.run_dir import RunDirectory
+from bgplugin.systems import get_system
+
+__all__ = ["STEPS", "make_system", "run_mcmc_step", "run_profile", "run_reweight", "run_sample", "run_simulate",
+           "run_train"]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "data.h5"
+FLOW_FILE = "flow.pt"
+SAMPLES_FILE = "samples.npz"
+WEIGHTED_FILE = "weighted.h5"
+DATA_ENERGIES_FILE = "data_energies.npz"
+
+
+def make_system(protocol: Protocol) -> Any:
+    """The protocol's system, with the atom types the model asks for (molecules only)."""
+    options: dict[str, Any] = {}
+    model = protocol.train.model if protocol.train is not None else None
+    system = get_system(protocol.system)
+    if model is not None and model.distinguishable != "none" and getattr(system, "topology", None) is not None:
+        options["distinguishable"] = model.distinguishable
+        system = get_system(protocol.system, **options)
+    return system
+
+
+# --------------------------------------------------------------------- simulate
+def run_simulate(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[str, Any]:
+    """Run the simulation stages in order; the last stage's frames become ``simulate/data.h5``."""
+    system = make_system(protocol)
+    folder = run.step_dir("simulate")
+    dataset: Dataset | None = None
+    stages: list[dict[str, Any]] = []
+    for i, stage in enumerate(protocol.simulate):
+        stage_dir = folder / f"stage{i}_{stage.engine}"
+        stage_dir.mkdir(exist_ok=True)
+        done = stage_dir / "frames.h5"
+        start = time.perf_counter()
+        info: dict[str, Any] = {"engine": stage.engine}
+        if done.is_file():
+            dataset = Dataset.load(done)
+            info["resumed"] = True
+        else:
+            dataset, info = _run_stage(stage, system, dataset, stage_dir, protocol.seed + i, progress)
+            dataset.save(done)
+        info.update(n_frames=len(dataset), seconds=time.perf_counter() - start)
+        stages.append(info)
+        logger.info("simulate stage %d (%s): %d frames", i, stage.engine, len(dataset))
+    if dataset is None:  # the config loader forbids an empty list when simulate runs
+        raise RuntimeError("no simulation stage ran")
+    dataset.save(folder / DATA_FILE)
+    return {"stages": stages, "n_frames": len(dataset), "weighted": dataset.log_weights is not None,
+            "data": str(folder / DATA_FILE)}  # fmt: skip
+
+
+def _run_stage(
+    stage: Any, system: Any, previous: Dataset | None, folder: Path, seed: int, progress: bool
+) -> tuple[Dataset, dict[str, Any]]:
+    from bgplugin.simulation import relax_with_xtb, run_md, run_parallel_tempering, run_umbrella
+
+    if isinstance(stage, MDConfig):
+        data = run_md(
+            system, stage.n_frames, stage.stride, temperature=stage.temperature, timestep=stage.timestep_fs,
+            friction=stage.friction_per_ps, seed=seed, platform=stage.platform,
+            equilibration_steps=stage.equilibration_steps, output=folder / "md.h5", progress=progress,
+        )  # fmt: skip
+        return data, {"engine": "md"}
+    if isinstance(stage, ParallelTemperingConfig):
+        result = run_parallel_tempering(
+            system, None, stage.n_iterations, stage.steps_per_iteration, storage=folder / "pt.nc",
+            temperature_range=(stage.t_min, stage.t_max, stage.n_replicas), platform=stage.platform,
+            progress=progress,
+        )  # fmt: skip
+        acceptance = (result.n_accepted.sum() / max(1, result.n_proposed.sum())).item()
+        return result.datasets[0], {"engine": "parallel_tempering", "temperatures": result.temperatures.tolist(),
+                                    "swap_acceptance": acceptance}  # fmt: skip
+    if isinstance(stage, UmbrellaConfig):
+        result = run_umbrella(
+            system, stage.cv, k=stage.k, ns_per_window=stage.ns_per_window, n_windows=stage.n_windows,
+            stride=stage.stride, equilibration_ps=stage.equilibration_ps, seed=seed, platform=stage.platform,
+            n_workers=stage.n_workers, n_bootstraps=stage.n_bootstraps, output_dir=folder, progress=progress,
+        )  # fmt: skip
+        result.profile.save(folder / "umbrella_profile.json")
+        from bgplugin.simulation import delta_f
+
+        diff = delta_f(result.profile)
+        return result.dataset, {"engine": "umbrella", "delta_f": diff.to_dict(),
+                                "min_neighbour_overlap": float(np.min(result.neighbour_overlap)),
+                                "profile": str(folder / "umbrella_profile.json")}  # fmt: skip
+    if isinstance(stage, XTBRelaxConfig):
+        if previous is None:
+            raise RuntimeError("xtb_relax needs the frames of an earlier stage")
+        frames = previous if stage.max_frames is None else previous[: stage.max_frames]
+        result = relax_with_xtb(
+            frames, stage.fs, stage.timestep_fs, stage.friction, stage.temperature, stage.backend,
+            stage.n_workers, solvent=stage.solvent, seed=seed, progress=progress,
+        )  # fmt: skip
+        return result.dataset, {"engine": "xtb_relax", "kept": int(np.sum(result.kept)),
+                                "failures": len(result.failures)}  # fmt: skip
+    raise TypeError(f"unknown stage {stage!r}")
+
+
+def _training_dataset(protocol: Protocol, run: RunDirectory) -> Dataset:
+    train = protocol.train
+    if train is not None and train.dataset is not None:
+        return Dataset.load(train.dataset)
+    return Dataset.load(run.step_dir("simulate") / DATA_FILE)
+
+
+# ------------------------------------------------------------------------ train
+def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
+    """Flow matching (or likelihood) training with checkpoints; writes the EMA flow to ``train/flow.pt``."""
+    from bgplugin.simulation import bias_training_set
+    from bgplugin.training import FlowMatching, MaximumLikelihood, Trainer, TrainerConfig, TrainingData
+
+    train = protocol.train
+    if train is None:
+        raise RuntimeError("the train step needs a train section")
+    system = make_system(protocol)
+    folder = run.step_dir("train")
+    data = _training_dataset(protocol, run)
+    if train.max_frames is not None and len(data) > train.max_frames:
+        keep = np.random.default_rng(protocol.seed).choice(len(data), train.max_frames, replace=False)
+        data = data[np.sort(keep)]
+    weights = None
+    if train.weights == "dataset":
+        if data.log_weights is None:
+            raise ValueError("train.weights is 'dataset' but the training frames carry no log-weights; use 'none'")
+        weights = data.weights
+    elif train.weights == "von_mises":
+        data = bias_training_set(
+            data, system.cvs[train.bias_cv], mu=train.bias_mu, kappa=train.bias_kappa, scale=train.bias_scale,
+            seed=protocol.seed,
+        )  # fmt: skip
+    positions = data.positions - data.positions.mean(axis=1, keepdims=True)
+    model = train.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(protocol.seed)
+        flow = build_flow(
+            system, model.field, prior_std=model.prior_std, steps=model.solver_steps, device=device,
+            **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry}
+               if model.field == "egnn" else {}),
+        )  # fmt: skip
+    if train.objective == "nll":
+        objective: Any = MaximumLikelihood(divergence="hutchinson")
+    else:
+        objective = FlowMatching(
+            flow.prior, sigma=train.sigma, pairing={"eqot": "eqot", "ot": "ot", "cfm": "none"}[train.objective],
+            atom_types=system.atom_types, allow_reflections=model.symmetry == "E(n)",
+        )  # fmt: skip
+    training_data = TrainingData(positions, weights)
+    max_steps = train.max_steps
+    settings_file = folder / "settings.json"
+    if max_steps is None:
+        if settings_file.is_file():
+            import json
+
+            max_steps = int(json.loads(settings_file.read_text())["max_steps"])
+        else:
+            max_steps = _probe_steps(flow, objective, training_data, train.batch_size, train.lr, train.minutes,
+                                     protocol.seed)  # fmt: skip
+    write_json(settings_file, {"max_steps": max_steps, "n_frames": len(training_data)})
+    config = TrainerConfig(
+        max_steps=max_steps, max_minutes=train.minutes, batch_size=min(train.batch_size, len(training_data)),
+        lr=train.lr, schedule="cosine", warmup_steps=min(100, max_steps // 10), grad_clip=train.grad_clip,
+        ema_decay=train.ema_decay, seed=protocol.seed, checkpoint_every=max(25, max_steps // 20), out_dir=folder,
+        progress=progress,
+    )  # fmt: skip
+    trainer = Trainer(flow, objective, config, training_data)
+    summary = trainer.fit(resume=True)
+    averaged = trainer.ema.average_parameters() if trainer.ema is not None else _nothing()
+    with averaged:
+        flow.eval()
+        flow.save(folder / FLOW_FILE)
+    return {
+        "steps": summary.step, "max_steps": max_steps, "stopped_by": summary.stopped_by,
+        "final_loss": summary.final_loss, "train_seconds": summary.elapsed_seconds,
+        "n_training_frames": len(training_data), "n_parameters": sum(p.numel() for p in flow.parameters()),
+        "device": str(flow.device), "flow": str(folder / FLOW_FILE), "loss_plot": str(folder / "loss.png"),
+    }  # fmt: skip
+
+
+def _probe_steps(flow: Any, objective: Any, data: Any, batch_size: int, lr: float, minutes: float, seed: int) -> int:
+    """Optimiser steps that fit in ``minutes``, timed on a throwaway copy (the schedule then spans the budget)."""
+    from bgplugin.training import Trainer, TrainerConfig
+
+    config = TrainerConfig(max_steps=8, max_minutes=0.5, batch_size=min(batch_size, len(data)), lr=lr, seed=seed,
+                           progress=False, out_dir=None)  # fmt: skip
+    summary = Trainer(copy.deepcopy(flow), objective, config, data).fit()
+    per_step = summary.elapsed_seconds / max(1, summary.steps_this_session)
+    # 15 % margin: the probe runs on a quiet machine more often than the run does.
+    steps = max(10, int(0.85 * 60.0 * minutes / per_step))
+    logger.info("timing probe: %.0f ms per step -> max_steps %d for %.1f min", 1e3 * per_step, steps, minutes)
+    return steps
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ----------------------------------------------------------------------- sample
+def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
+    """Draw flow samples with exact log q in chunks (``sample/chunk_*.npz``), then join them."""
+    from tqdm.auto import tqdm
+
+    cfg = protocol.sample
+    if cfg is None:
+        raise RuntimeError("the sample step needs a sample section")
+    flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
+    folder = run.step_dir("sample")
+    n_chunks = math.ceil(cfg.n_samples / cfg.chunk_size)
+    start = time.perf_counter()
+    drawn = 0
+    for k in tqdm(range(n_chunks), desc="sampling (exact log q)", disable=not progress, unit="chunk"):
+        path = folder / f"chunk_{k:05d}.npz"
+        if path.is_file():
+            continue
+        m = min(cfg.chunk_size, cfg.n_samples - k * cfg.chunk_size)
+        generator = torch.Generator(device=flow.device).manual_seed(protocol.seed * 1_000_003 + k)
+        with torch.no_grad():
+            x, log_q = flow.sample(m, generator=generator)
+        arrays = {"x": x.cpu().numpy().astype(np.float32), "log_q": log_q.cpu().numpy().astype(np.float64)}
+        atomic_write(path, lambda handle, a=arrays: np.savez(handle, **a))
+        drawn += m
+    seconds = time.perf_counter() - start
+    x_all, lq_all = [], []
+    for k in range(n_chunks):
+        with np.load(folder / f"chunk_{k:05d}.npz") as chunk:
+            x_all.append(chunk["x"])
+            lq_all.append(chunk["log_q"])
+    x_cat, lq_cat = np.concatenate(x_all), np.concatenate(lq_all)
+    atomic_write(folder / SAMPLES_FILE, lambda handle: np.savez(handle, x=x_cat, log_q=lq_cat))
+    rate = drawn / seconds if drawn and seconds > 0 else None
+    return {"n_samples": len(x_cat), "samples_per_second": rate, "device": str(flow.device),
+            "samples": str(folder / SAMPLES_FILE)}  # fmt: skip
+
+
+# --------------------------------------------------------------------- reweight
+def _target_energy(protocol: Protocol, system: Any) -> Any:
+    from bgplugin.energies import OpenMMEnergy, XTBEnergy
+
+    cfg = protocol.reweight
+    if cfg is None:
+        raise RuntimeError("the reweight step needs a reweight section")
+    if cfg.energy == "openmm":
+        if getattr(system, "openmm_system", None) is None:
+            return system.energy()
+        return OpenMMEnergy(system, platform=cfg.platform, n_workers=cfg.n_workers)
+    numbers = [atom.element.atomic_number for atom in system.topology.atoms]
+    return XTBEnergy(numbers, solvent=cfg.xtb_solvent, backend=cfg.energy, temperature=system.temperature,
+                     n_workers=cfg.n_workers)  # fmt: skip
+
+
+def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
+    """Importance weights of the flow samples against the target energy; forward ESS on training frames."""
+    from bgplugin.reweighting import forward_ess, reweight_samples
+
+    cfg = protocol.reweight
+    if cfg is None:
+        raise RuntimeError("the reweight step needs a reweight section")
+    system = make_system(protocol)
+    folder = run.step_dir("reweight")
+    with np.load(run.step_dir("sample") / SAMPLES_FILE) as samples:
+        x, log_q = samples["x"], samples["log_q"]
+    energy = _target_energy(protocol, system)
+    try:
+        result = reweight_samples(
+            torch.as_tensor(x), torch.as_tensor(log_q), energy, system=system, chirality=cfg.chirality,
+            clip_quantile=cfg.clip_quantile,
+        )  # fmt: skip
+        summary: dict[str, Any] = dict(result.to_dict())
+        topology = getattr(system, "topology", None)
+        if topology is not None:
+            result.to_trajectory(topology).save(folder / WEIGHTED_FILE)
+        arrays = {"x": result.positions, "u": result.u, "log_q": result.log_q, "log_w": result.log_w}
+        atomic_write(folder / "reweighted.npz", lambda handle: np.savez(handle, **arrays))
+        # Forward ESS: the flow's density on frames from the target (training data carry their own weights).
+        data = _training_dataset(protocol, run)
+        n_fwd = min(len(data), cfg.forward_ess_frames)
+        if n_fwd > 0:
+            pick = np.sort(np.random.default_rng(protocol.seed).choice(len(data), n_fwd, replace=False))
+            frames = data[pick]
+            flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
+            xd = torch.as_tensor(frames.positions - frames.positions.mean(axis=1, keepdims=True))
+            with torch.no_grad():
+                lq_data = torch.cat([flow.log_prob(chunk.to(flow.device)).cpu() for chunk in xd.split(64)]).numpy()
+            u_data = energy.evaluate(xd.double()).u.numpy()
+            data_lw = None if frames.log_weights is None else frames.log_weights
+            summary["forward_ess"] = forward_ess(lq_data, u_data, data_lw)
+            summary["forward_ess_frames"] = int(n_fwd)
+            atomic_write(folder / DATA_ENERGIES_FILE,
+                         lambda handle: np.savez(handle, u=u_data, log_q=lq_data,
+                                                 log_w=np.zeros(n_fwd) if data_lw is None else data_lw,
+                                                 positions=frames.positions))  # fmt: skip
+        else:
+            summary["forward_ess"] = None
+    finally:
+        close = getattr(energy, "close", None)
+        if close is not None:
+            close()
+    summary["energy"] = cfg.energy
+    return summary
+
+
+# ---------------------------------------------------------------------- profile
+def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[str, Any]:
+    """F(cv) from raw and reweighted flow samples, dF between two states, and the comparison with a reference."""
+    from bgplugin.analysis import compare_profiles, delta_f, free_energy_profile
+
+    cfg = protocol.profile
+    if cfg is None:
+        raise RuntimeError("the profile step needs a profile section")
+    system = make_system(protocol)
+    folder = run.step_dir("profile")
+    with np.load(run.step_dir("reweight") / "reweighted.npz") as saved:
+        x, log_w = saved["x"], saved["log_w"]
+    cv = system.cvs[cfg.cv]
+    values = np.asarray(cv.compute(x))
+    temperature = float(system.temperature)
+    rw = free_energy_profile(values, cfg.cv, cfg.bins, log_weights=log_w, n_bootstrap=cfg.n_bootstrap,
+                             temperature=temperature, seed=protocol.seed)  # fmt: skip
+    raw = free_energy_profile(values, cfg.cv, cfg.bins, n_bootstrap=cfg.n_bootstrap, temperature=temperature,
+                              seed=protocol.seed)  # fmt: skip
+    rw.save(folder / "profile_reweighted.json")
+    raw.save(folder / "profile_flow.json")
+    diff = delta_f(values, cfg.state_a, cfg.state_b, log_weights=log_w, temperature=temperature)
+    out: dict[str, Any] = {"delta_f": diff.value, "delta_f_error": diff.error, "delta_f_detail": diff.to_dict(),
+                           "cv": cfg.cv}  # fmt: skip
+    reference, ref_diff = _reference(protocol, run, cfg.reference)
+    if reference is not None:
+        reference.save(folder / "profile_reference.json")
+        comparison = compare_profiles(rw, reference, f_max=cfg.f_max)
+        out["profile_comparison"] = comparison
+        out["profile_rmse"] = comparison["rmse"]
+    else:
+        out["profile_rmse"] = None
+    if ref_diff is not None:
+        out.update(reference_delta_f=ref_diff.value, reference_delta_f_error=ref_diff.error,
+                   delta_f_minus_reference=diff.value - ref_diff.value,
+                   delta_f_z=(diff.value - ref_diff.value) / math.hypot(diff.error, ref_diff.error))  # fmt: skip
+    else:
+        out.update(reference_delta_f=None, reference_delta_f_error=None)
+    out["reference"] = cfg.reference
+    return out
+
+
+def _reference(protocol: Protocol, run: RunDirectory, spec: str | None) -> tuple[Any, Any]:
+    from bgplugin.simulation import FreeEnergyProfile, delta_f
+    from bgplugin.simulation.reference import bundled_reference
+
+    cfg = protocol.profile
+    if spec is None or cfg is None:
+        return None, None
+    if spec == "bundled":
+        try:
+            ref = bundled_reference(protocol.system)
+        except FileNotFoundError as exc:
+            logger.warning("no reference to compare with: %s", exc)
+            return None, None
+        if ref.profile.cv_name != cfg.cv:
+            logger.warning("the bundled reference is along %s, not %s; no comparison", ref.profile.cv_name, cfg.cv)
+            return None, None
+        return ref.profile, delta_f(ref.profile, cfg.state_a, cfg.state_b)
+    if spec == "umbrella":
+        found = sorted(run.step_dir("simulate").glob("stage*_umbrella/umbrella_profile.json"))
+        if not found:
+            raise ValueError("profile.reference is 'umbrella' but no simulate stage ran umbrella sampling")
+        profile = FreeEnergyProfile.load(found[-1])
+        return profile, delta_f(profile, cfg.state_a, cfg.state_b)
+    profile = FreeEnergyProfile.load(spec)
+    return profile, delta_f(profile, cfg.state_a, cfg.state_b)
+
+
+# ------------------------------------------------------------------------- mcmc
+def run_mcmc_step(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
+    """Langevin MD mixed with flow independence moves (:func:`bgplugin.mcmc.run_flow_mcmc`)."""
+    from bgplugin.mcmc import run_flow_mcmc
+
+    cfg = protocol.mcmc
+    if cfg is None:
+        raise RuntimeError("the mcmc step needs an mcmc section")
+    system = make_system(protocol)
+    flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
+    result = run_flow_mcmc(
+        system, flow, n_iterations=cfg.n_iterations, langevin_steps=cfg.langevin_steps,
+        n_proposals=cfg.n_proposals, platform=cfg.platform, seed=protocol.seed, progress=progress,
+    )  # fmt: skip
+    summary = result.to_dict()
+    write_json(run.step_dir("mcmc") / "mcmc.json", summary)
+    return summary
+
+
+STEPS = ("simulate", "train", "sample", "reweight", "profile", "mcmc", "report")
+
+
+def device_name(device: str) -> str:
+    return str(resolve_device(device))  # type: ignore[arg-type]
