@@ -4,8 +4,10 @@ export OMP_NUM_THREADS ?= 1
 
 .PHONY: run test install install-test
 
+OUT ?= runs/quickstart
+
 run: install
-	$(PYTHON) -m bgplugin.cli info
+	$(PYTHON) -m bgplugin.cli run quickstart --out $(OUT)
 
 test: install-test
 	$(PYTHON) -m pytest

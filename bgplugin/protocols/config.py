@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 __all__ = [
+    "LoadConfig",
     "MCMCConfig",
     "MDConfig",
     "ModelConfig",
@@ -112,8 +113,23 @@ class XTBRelaxConfig:
     max_frames: int | None = None
 
 
-StageConfig = Union[MDConfig, ParallelTemperingConfig, UmbrellaConfig, XTBRelaxConfig]  # noqa: UP007
+@dataclass(frozen=True)
+class LoadConfig:
+    """Frames from a file instead of a simulation.
+
+    ``path``: a :class:`~bgplugin.data.Dataset` HDF5 file, a NumPy ``.npy``
+    array of particle positions, or ``benchmark:train`` / ``benchmark:test``
+    for the published DW4 / LJ13 / LJ55 splits (found in ``shared/data`` or
+    ``$BGPLUGIN_DATA_DIR``). Relative paths are relative to the working directory.
+    """
+
+    engine: Literal["load"] = "load"
+    path: str = "benchmark:train"
+
+
+StageConfig = Union[MDConfig, ParallelTemperingConfig, UmbrellaConfig, XTBRelaxConfig, LoadConfig]  # noqa: UP007
 _STAGES: dict[str, type] = {
+    "load": LoadConfig,
     "md": MDConfig,
     "parallel_tempering": ParallelTemperingConfig,
     "umbrella": UmbrellaConfig,

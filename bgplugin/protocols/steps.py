@@ -20,6 +20,7 @@ from bgplugin.data import Dataset
 from bgplugin.fileio import atomic_write, write_json
 from bgplugin.flows import build_flow, load_flow, resolve_device
 from bgplugin.protocols.config import (
+    LoadConfig,
     MDConfig,
     ParallelTemperingConfig,
     Protocol,
@@ -86,6 +87,8 @@ def _run_stage(
 ) -> tuple[Dataset, dict[str, Any]]:
     from bgplugin.simulation import relax_with_xtb, run_md, run_parallel_tempering, run_umbrella
 
+    if isinstance(stage, LoadConfig):
+        return _load_frames(stage.path, system), {"engine": "load", "path": stage.path}
     if isinstance(stage, MDConfig):
         data = run_md(
             system, stage.n_frames, stage.stride, temperature=stage.temperature, timestep=stage.timestep_fs,
@@ -118,7 +121,9 @@ def _run_stage(
     if isinstance(stage, XTBRelaxConfig):
         if previous is None:
             raise RuntimeError("xtb_relax needs the frames of an earlier stage")
-        frames = previous if stage.max_frames is None else previous[: stage.max_frames]
+        frames = previous
+        if stage.max_frames is not None and len(previous) > stage.max_frames:  # evenly spaced over all stages' frames
+            frames = previous[np.unique(np.linspace(0, len(previous) - 1, stage.max_frames).round().astype(int))]
         result = relax_with_xtb(
             frames, stage.fs, stage.timestep_fs, stage.friction, stage.temperature, stage.backend,
             stage.n_workers, solvent=stage.solvent, seed=seed, progress=progress,
@@ -126,6 +131,19 @@ def _run_stage(
         return result.dataset, {"engine": "xtb_relax", "kept": int(np.sum(result.kept)),
                                 "failures": len(result.failures)}  # fmt: skip
     raise TypeError(f"unknown stage {stage!r}")
+
+
+def _load_frames(path: str, system: Any) -> Dataset:
+    if path.startswith("benchmark:"):
+        from bgplugin.benchmarks.particles import DATA_FILES, data_dir, load_split
+
+        split = path.removeprefix("benchmark:")
+        x = load_split(system, split)  # type: ignore[arg-type]
+        source = str(data_dir() / DATA_FILES[system.name][split])
+        return Dataset(x, None, metadata={"system": system.name, "source": source, "split": split})
+    if path.endswith(".npy"):
+        return Dataset.from_npy(path, system.n_particles, system.dim)
+    return Dataset.load(path)
 
 
 def _training_dataset(protocol: Protocol, run: RunDirectory) -> Dataset:
@@ -285,7 +303,7 @@ def _target_energy(protocol: Protocol, system: Any) -> Any:
 
 def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
     """Importance weights of the flow samples against the target energy; forward ESS on training frames."""
-    from bgplugin.reweighting import forward_ess, reweight_samples
+    from bgplugin.reweighting import forward_ess, proposal_is_reflection_symmetric, reweight_samples
 
     cfg = protocol.reweight
     if cfg is None:
@@ -295,10 +313,18 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
     with np.load(run.step_dir("sample") / SAMPLES_FILE) as samples:
         x, log_q = samples["x"], samples["log_q"]
     energy = _target_energy(protocol, system)
+    flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
+
+    def flow_log_prob(positions: np.ndarray) -> np.ndarray:  # for q(mirror image) with chirality="mirror"
+        xs = torch.as_tensor(positions, dtype=torch.float32)
+        with torch.no_grad():
+            return torch.cat([flow.log_prob(c.to(flow.device)).cpu() for c in xs.split(64)]).double().numpy()
+
     try:
         result = reweight_samples(
-            torch.as_tensor(x), torch.as_tensor(log_q), energy, system=system, chirality=cfg.chirality,
-            clip_quantile=cfg.clip_quantile,
+            x, log_q, energy, system=system, chirality=cfg.chirality,
+            clip=None if cfg.clip_quantile is None else {"quantile": cfg.clip_quantile},
+            reflection_symmetric=proposal_is_reflection_symmetric(flow), log_prob=flow_log_prob, progress=progress,
         )  # fmt: skip
         summary: dict[str, Any] = dict(result.to_dict())
         topology = getattr(system, "topology", None)
@@ -312,7 +338,6 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
         if n_fwd > 0:
             pick = np.sort(np.random.default_rng(protocol.seed).choice(len(data), n_fwd, replace=False))
             frames = data[pick]
-            flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
             xd = torch.as_tensor(frames.positions - frames.positions.mean(axis=1, keepdims=True))
             with torch.no_grad():
                 lq_data = torch.cat([flow.log_prob(chunk.to(flow.device)).cpu() for chunk in xd.split(64)]).numpy()

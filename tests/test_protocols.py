@@ -1,0 +1,137 @@
+"""Protocols: every bundled file loads, bad keys fail with their path, run directories resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bgplugin.protocols import (
+    Protocol,
+    ProtocolError,
+    RunDirectory,
+    RunDirectoryError,
+    bundled_protocols,
+    load_protocol,
+    run_protocol,
+)
+
+BUNDLED = sorted(bundled_protocols())
+
+
+def test_the_promised_protocols_are_bundled() -> None:
+    assert {"quickstart", "ala2_classical", "ala2_xtb", "dw4", "lj13"} <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
+    protocol = load_protocol(bundled_protocols()[name])
+    assert isinstance(protocol, Protocol)
+    assert protocol.steps[0] in ("simulate", "train")
+    assert load_protocol(protocol.to_dict()) == protocol
+    assert load_protocol(name) == protocol  # a bundled name works as well as its path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trian": {}}, "unknown key 'trian'"),
+        ({"train": {"modle": {}}}, "unknown key 'train.modle'"),
+        ({"train": {"model": {"hidden": "wide"}}}, "train.model.hidden must be an integer, got 'wide'"),
+        ({"train": {"objective": "adam"}}, "train.objective must be one of"),
+        ({"train": {"minutes": -1}}, "train.minutes must be a number > 0, got -1"),
+        ({"simulate": [{"engine": "langevin"}]}, "simulate[0].engine must be one of"),
+        ({"simulate": [{"engine": "md", "n_frames": 0}]}, "simulate[0].n_frames must be an integer >= 1, got 0"),
+        ({"simulate": [{"engine": "md", "stepsize": 2}]}, "unknown key 'simulate[0].stepsize'"),
+        ({"sample": {"n_samples": 2.5}}, "sample.n_samples must be an integer, got 2.5"),
+        ({"system": "ala3"}, "system must be one of"),
+        ({"reweight": {"clip_quantile": 2.0}}, "reweight.clip_quantile must be in (0.5, 1)"),
+        ({"profile": {"state_a": [0.0]}}, "profile.state_a must be a list of 2 values"),
+    ],
+)
+def test_bad_values_name_the_key(change: dict, message: str) -> None:
+    data = load_protocol("quickstart").to_dict()
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merged = dict(data[key])
+            for k, v in value.items():
+                merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+            data[key] = merged
+        else:
+            data[key] = value
+    with pytest.raises(ProtocolError) as info:
+        load_protocol(data)
+    assert message in str(info.value)
+
+
+def test_missing_file_lists_bundled(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="bundled protocols"):
+        load_protocol(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("system: [unclosed\n")
+    with pytest.raises(ProtocolError, match="not valid YAML"):
+        load_protocol(path)
+
+
+def test_steps_need_their_inputs() -> None:
+    data = load_protocol("quickstart").to_dict()
+    del data["train"]
+    with pytest.raises(ProtocolError, match="the sample step needs a train section"):
+        load_protocol(data)
+
+
+def test_run_directory_refuses_another_protocol(tmp_path: Path) -> None:
+    quick = load_protocol("quickstart")
+    RunDirectory(tmp_path, quick)
+    other = quick.with_overrides(seed=7)
+    with pytest.raises(RunDirectoryError, match="seed"):
+        RunDirectory(tmp_path, other)
+    RunDirectory(tmp_path, other, overwrite=True)  # explicit start-over is allowed
+
+
+def tiny_quickstart() -> dict:
+    """The quickstart at a size that runs in about a minute: same steps, same code paths."""
+    data = load_protocol("quickstart").to_dict()
+    data["simulate"][0].update(n_windows=4, k=50.0, ns_per_window=0.002, equilibration_ps=0.5, stride=20,
+                               n_bootstraps=5)  # fmt: skip
+    data["train"].update(minutes=0.5, max_steps=15, batch_size=16)
+    data["train"]["model"].update(hidden=8, n_layers=1, solver_steps=2)
+    data["sample"].update(n_samples=24, chunk_size=8)
+    data["reweight"].update(n_workers=1, forward_ess_frames=8)
+    data["profile"].update(n_bootstrap=10)
+    return data
+
+
+def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run_protocol(tiny_quickstart(), out, device="cpu", stop_after="simulate", progress=False)
+    assert list(first["steps"]) == ["simulate"]
+    data_file = out / "simulate" / "data.h5"
+    stamp = data_file.stat().st_mtime_ns
+    simulate_seconds = first["wall_seconds"]["simulate"]
+
+    results = run_protocol(tiny_quickstart(), out, device="cpu", progress=False)
+    assert data_file.stat().st_mtime_ns == stamp, "the finished simulate step was redone"
+    assert results["wall_seconds"]["simulate"] == simulate_seconds
+    assert list(results["steps"]) == ["simulate", "train", "sample", "reweight", "profile", "report"]
+    on_disk = json.loads((out / "results.json").read_text())
+    for key in ("ess", "forward_ess", "delta_f", "delta_f_error", "reference_delta_f", "reference_delta_f_error",
+                "profile_rmse", "n_samples", "wall_seconds", "device"):  # fmt: skip
+        assert key in on_disk, key
+    assert on_disk["n_samples"] == 24
+    assert 0.0 <= on_disk["ess"] <= 1.0
+    assert on_disk["reference_delta_f"] == pytest.approx(3.934, abs=1e-3)
+    assert set(on_disk["wall_seconds"]) >= {"simulate", "train", "sample", "reweight", "profile", "report", "total"}
+    for plot in ("profile", "ramachandran", "energies", "weights", "training_loss"):
+        assert (out / "plots" / f"{plot}.png").is_file(), plot
+    assert (out / "report.md").is_file() and (out / "protocol.yaml").is_file()
+    with np.load(out / "reweight" / "reweighted.npz") as saved:
+        assert np.isfinite(saved["log_q"]).all()
+
+    again = run_protocol(tiny_quickstart(), out, device="cpu", progress=False)  # everything finished: nothing reruns
+    assert again["wall_seconds"] == results["wall_seconds"]
