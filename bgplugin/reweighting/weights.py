@@ -1,0 +1,332 @@
+r"""Importance weights of flow samples: log-weights, effective sample sizes, clipping, diagnostics.
+
+For samples :math:`x_n \sim q` with reduced energies :math:`u(x_n)` (kT) the
+unnormalised importance weights towards :math:`p(x) \propto e^{-u(x)}` are
+
+.. math:: \log w_n = -u(x_n) - \log q(x_n).
+
+Every function here takes log-weights (float64, ``-inf`` = weight 0) and
+works in log space, so weights spanning hundreds of orders of magnitude
+(untrained flows) neither overflow nor underflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+logger = logging.getLogger(__name__)
+
+#: The definition string stored with the log-weights of reweighted flow samples.
+LOG_WEIGHTS_DEFINITION = "-u(x) - log q(x)"
+#: Quantile levels reported by :func:`weight_diagnostics`.
+QUANTILE_LEVELS = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+def _as_1d(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, shape (n,), got shape {array.shape}")
+    return array
+
+
+def _check_log_w(log_w: Any, name: str = "log_w") -> np.ndarray:
+    array = _as_1d(log_w, name)
+    if len(array) == 0:
+        raise ValueError(f"{name} is empty; need at least one sample")
+    if np.isnan(array).any() or np.isposinf(array).any():
+        raise ValueError(
+            f"{name} contains NaN or +inf ({int(np.isnan(array).sum())} NaN, {int(np.isposinf(array).sum())} +inf); "
+            "build log-weights with log_weights(u, log_q), which maps failed frames to -inf"
+        )
+    return array
+
+
+def log_weights(u: Any, log_q: Any) -> np.ndarray:
+    r"""Log importance weights :math:`\log w = -u - \log q` (unnormalised).
+
+    Parameters
+    ----------
+    u : array-like or Tensor, shape (n,)
+        Reduced energies of the samples, kT. ``+inf``/NaN mark failed
+        evaluations.
+    log_q : array-like or Tensor, shape (n,)
+        Log-densities of the samples under the proposal (nats, on the same
+        coordinates as ``u``).
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        ``-u - log_q``; ``-inf`` (weight 0) wherever ``u`` or ``log_q`` is not
+        finite.
+    """
+    u_arr, lq_arr = _as_1d(u, "u"), _as_1d(log_q, "log_q")
+    if u_arr.shape != lq_arr.shape:
+        raise ValueError(f"u and log_q must have the same shape, got {u_arr.shape} and {lq_arr.shape}")
+    ok = np.isfinite(u_arr) & np.isfinite(lq_arr)
+    out = np.full(u_arr.shape, -np.inf)
+    out[ok] = -u_arr[ok] - lq_arr[ok]
+    return out
+
+
+def normalized_weights(log_w: Any) -> np.ndarray:
+    """Weights that sum to 1, shape (n,), from log-weights (``-inf`` gives 0).
+
+    Raises ``ValueError`` when every log-weight is ``-inf``.
+    """
+    array = _check_log_w(log_w)
+    if not np.isfinite(array).any():
+        raise ValueError("every log-weight is -inf: no sample has positive weight (all energies failed?)")
+    return np.exp(array - logsumexp(array))
+
+
+def ess(log_w: Any) -> float:
+    r"""Kish effective sample size as a fraction of the number of samples.
+
+    .. math:: \mathrm{ESS} = \frac{1}{n}\,\frac{\left(\sum_i w_i\right)^2}{\sum_i w_i^2} \in [1/n, 1]
+
+    Parameters
+    ----------
+    log_w : array-like, shape (n,)
+        Log-weights; ``-inf`` entries (failed or rejected samples) count in
+        ``n``, so failures lower the ESS.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; 0 when every weight is 0.
+    """
+    array = _check_log_w(log_w)
+    if not np.isfinite(array).any():
+        return 0.0
+    return float(np.exp(2.0 * logsumexp(array) - logsumexp(2.0 * array)) / len(array))
+
+
+def forward_ess(log_q_data: Any, u_data: Any, data_log_weights: Any | None = None) -> float:
+    r"""Forward effective sample size from samples of the target (Midgley et al., ICLR 2023).
+
+    The Kish ESS of importance sampling with proposal :math:`q` tends to
+    :math:`n / \mathbb{E}_q[\bar w^2]` with normalised weights
+    :math:`\bar w = p/q`. Since :math:`\mathbb{E}_q[\bar w^2] =
+    \mathbb{E}_p[\bar w]` and :math:`Z = 1/\mathbb{E}_p[1/w]` for the
+    unnormalised :math:`w = e^{-u}/q`, it can be estimated from samples of the
+    target :math:`p` itself (e.g. MD data), where the reverse ESS can be
+    misleadingly high when the flow misses modes:
+
+    .. math::
+
+        \frac{\mathrm{ESS}_\mathrm{fwd}}{n} = \frac{1}{\mathbb{E}_p[w]\,\mathbb{E}_p[w^{-1}]}
+        \approx \frac{\left(\sum_i v_i\right)^2}{\sum_i v_i w_i \, \sum_i v_i w_i^{-1}},
+        \qquad w_i = e^{-u(x_i) - \log q(x_i)},
+
+    with :math:`v_i = 1` for unbiased data (then it is
+    :math:`n^2 / (\sum_i w_i \sum_i w_i^{-1})`, Midgley et al.'s estimator) or
+    the data's own importance weights towards :math:`p` (biased or umbrella
+    data), which turn both expectations into self-normalised estimates.
+
+    Parameters
+    ----------
+    log_q_data : array-like, shape (n,)
+        Flow log-density of each data frame (nats).
+    u_data : array-like, shape (n,)
+        Reduced target energy of each data frame (kT). Frames whose energy is
+        not finite cannot be samples of the target: they are dropped (and
+        logged).
+    data_log_weights : array-like, shape (n,), or None
+        Log-weights of the data frames with respect to the target (``-inf``
+        allowed); None for unbiased samples of the target.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; 0 when the flow gives zero density to a data frame
+        (``log_q = -inf``: a mode is missing).
+    """
+    lq, u = _as_1d(log_q_data, "log_q_data"), _as_1d(u_data, "u_data")
+    if lq.shape != u.shape:
+        raise ValueError(f"log_q_data and u_data must have the same shape, got {lq.shape} and {u.shape}")
+    lv = np.zeros_like(u) if data_log_weights is None else _check_log_w(data_log_weights, "data_log_weights")
+    if lv.shape != u.shape:
+        raise ValueError(f"data_log_weights must have shape {u.shape}, got {lv.shape}")
+    if np.isnan(lq).any():
+        raise ValueError("log_q_data contains NaN; the flow's log_prob failed on some data frames")
+    bad_u = ~np.isfinite(u)
+    if bad_u.any():
+        logger.warning("forward_ess: dropping %d data frames whose target energy is not finite", int(bad_u.sum()))
+        lq, u, lv = lq[~bad_u], u[~bad_u], lv[~bad_u]
+    keep = np.isfinite(lv)
+    lq, u, lv = lq[keep], u[keep], lv[keep]
+    if len(u) == 0:
+        raise ValueError("forward_ess needs at least one data frame with finite energy and positive weight")
+    if np.isneginf(lq).any() or np.isposinf(lq).any():
+        return 0.0
+    lw = -u - lq
+    log_norm = logsumexp(lv)
+    log_mean_w = logsumexp(lv + lw) - log_norm
+    log_mean_inv_w = logsumexp(lv - lw) - log_norm
+    return float(min(1.0, np.exp(-(log_mean_w + log_mean_inv_w))))
+
+
+def clip_log_weights(
+    log_w: Any, quantile: float | None = None, max_fraction: float | None = None
+) -> tuple[np.ndarray, float]:
+    r"""Cap the largest weights (biased but lower-variance estimates); off unless asked for.
+
+    Give exactly one of
+
+    * ``quantile``: weights above the ``quantile`` of the finite log-weights
+      are set to it (e.g. 0.999 clips the top 0.1 %);
+    * ``max_fraction`` (:math:`f`): the largest cap :math:`c` under which no
+      normalised weight exceeds :math:`f`, i.e. the solution of :math:`c =
+      f \sum_i \min(w_i, c)`; nothing is clipped when the largest normalised
+      weight is already :math:`\le f`. Needs :math:`f \ge 1 / n_\mathrm{finite}`.
+
+    Parameters
+    ----------
+    log_w : array-like, shape (n,)
+    quantile : float in (0, 1] or None
+    max_fraction : float in (0, 1] or None
+
+    Returns
+    -------
+    clipped : ndarray, shape (n,)
+        Log-weights with the cap applied (``-inf`` entries unchanged).
+    fraction_clipped : float
+        Fraction of all ``n`` samples whose weight was lowered.
+    """
+    array = _check_log_w(log_w)
+    if (quantile is None) == (max_fraction is None):
+        raise ValueError(
+            f"give exactly one of quantile or max_fraction, got quantile={quantile}, max_fraction={max_fraction}"
+        )
+    finite = np.isfinite(array)
+    if not finite.any():
+        return array.copy(), 0.0
+    values = array[finite]
+    if quantile is not None:
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        cap = float(np.quantile(values, quantile))
+    elif max_fraction is not None:
+        n_finite = len(values)
+        if not 1.0 / n_finite <= max_fraction <= 1.0:
+            raise ValueError(
+                f"max_fraction must be in [1/n_finite, 1] = [{1.0 / n_finite:.3g}, 1] for {n_finite} samples with "
+                f"positive weight, got {max_fraction}"
+            )
+        cap = _max_fraction_cap(values, float(max_fraction))
+    clipped = array.copy()
+    over = finite & (array > cap)
+    clipped[over] = cap
+    fraction = float(over.sum()) / len(array)
+    if over.any():
+        logger.info("clipped %d of %d log-weights at %.4g (fraction %.3g)", int(over.sum()), len(array), cap, fraction)
+    return clipped, fraction
+
+
+def _max_fraction_cap(values: np.ndarray, f: float) -> float:
+    """log c with c = f * sum_i min(w_i, c) for finite log-weights ``values`` (log space, descending scan)."""
+    order = np.sort(values)[::-1]
+    shift = order[0]
+    w = np.exp(order - shift)
+    if w[0] / w.sum() <= f:
+        return float(np.inf)  # nothing to clip
+    n = len(w)
+    # clipping the k largest: c_k = f * S_k / (1 - f k), S_k = sum of the n - k smallest; valid if w[k] <= c_k
+    tail = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])  # tail[k] = sum_{i >= k} w[i]
+    for k in range(1, n + 1):
+        denominator = 1.0 - f * k
+        if denominator <= 0:
+            break
+        c = f * tail[k] / denominator
+        below = w[k] if k < n else 0.0
+        if below <= c <= w[k - 1]:
+            return float(np.log(c) + shift)
+    raise ValueError(f"no cap satisfies max_fraction={f} for {n} weights; use a larger max_fraction")
+
+
+def resolve_clip(clip: Mapping[str, float] | None) -> dict[str, float] | None:
+    """Validate a clipping option ``{"quantile": q}`` or ``{"max_fraction": f}`` (None: no clipping)."""
+    if clip is None:
+        return None
+    if not isinstance(clip, Mapping):
+        raise TypeError(f"clip must be None or a mapping like {{'quantile': 0.999}}, got {type(clip).__name__}")
+    allowed = {"quantile", "max_fraction"}
+    unknown = sorted(set(clip) - allowed)
+    if unknown or len(clip) != 1:
+        raise ValueError(
+            f"clip must have exactly one key out of {sorted(allowed)}, e.g. {{'quantile': 0.999}}; got {dict(clip)}"
+        )
+    return {key: float(value) for key, value in clip.items()}
+
+
+@dataclass(frozen=True)
+class WeightDiagnostics:
+    r"""Summary of a set of importance weights.
+
+    Attributes
+    ----------
+    n : int
+        Number of samples (including those with weight 0).
+    n_finite : int
+        Samples with positive weight.
+    ess : float
+        Kish ESS as a fraction of ``n`` (see :func:`ess`).
+    n_effective : float
+        Kish ESS in samples (``ess * n``).
+    max_weight_fraction : float
+        Largest normalised weight.
+    log_mean_weight : float
+        :math:`\log \frac{1}{n}\sum_i w_i`, an estimate of :math:`\log Z_p -
+        \log Z_q`, i.e. minus the free energy of the target relative to the
+        proposal (kT); ``-inf`` when every weight is 0.
+    log_weight_quantiles : dict of str to float
+        Quantiles of the finite log-weights minus their log-sum, i.e. of the
+        log normalised weights (keys like ``"q0.5"``).
+    """
+
+    n: int
+    n_finite: int
+    ess: float
+    n_effective: float
+    max_weight_fraction: float
+    log_mean_weight: float
+    log_weight_quantiles: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy (non-finite numbers become None)."""
+        out = asdict(self)
+        for key in ("log_mean_weight",):
+            if not np.isfinite(out[key]):
+                out[key] = None
+        return out
+
+
+def weight_diagnostics(log_w: Any) -> WeightDiagnostics:
+    """:class:`WeightDiagnostics` of log-weights, shape (n,)."""
+    array = _check_log_w(log_w)
+    finite = np.isfinite(array)
+    n, n_finite = len(array), int(finite.sum())
+    if n_finite == 0:
+        return WeightDiagnostics(n, 0, 0.0, 0.0, 0.0, float("-inf"), {})
+    total = logsumexp(array)
+    normalised = array[finite] - total
+    fraction = ess(array)
+    quantiles = np.quantile(normalised, QUANTILE_LEVELS)
+    return WeightDiagnostics(
+        n=n,
+        n_finite=n_finite,
+        ess=fraction,
+        n_effective=fraction * n,
+        max_weight_fraction=float(np.exp(normalised.max())),
+        log_mean_weight=float(total - np.log(n)),
+        log_weight_quantiles={f"q{level:g}": float(v) for level, v in zip(QUANTILE_LEVELS, quantiles)},
+    )
