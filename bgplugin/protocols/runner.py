@@ -212,10 +212,10 @@ def _plots(proto: Protocol, run: RunDirectory) -> dict[str, str]:
             pick = np.random.default_rng(0).choice(len(data), min(len(data), 20_000), replace=False)
             sub = data[np.sort(pick)]
             # The frames as simulated (umbrella or biased sets are not Boltzmann-distributed).
-            panels.append(("training data (as sampled)", np.asarray(phi.compute(sub.positions)),
-                           np.asarray(psi.compute(sub.positions)), None))
-        panels.append(("flow", np.asarray(phi.compute(x)), np.asarray(psi.compute(x)), None))
-        panels.append(("flow, reweighted", np.asarray(phi.compute(x)), np.asarray(psi.compute(x)), w))
+            panels.append(("training data (as sampled)", np.asarray(phi(sub.positions)),
+                           np.asarray(psi(sub.positions)), None))
+        panels.append(("flow", np.asarray(phi(x)), np.asarray(psi(x)), None))
+        panels.append(("flow, reweighted", np.asarray(phi(x)), np.asarray(psi(x)), w))
         plots["ramachandran"] = str(plot_ramachandran(panels, out / "ramachandran.png"))
     return plots
 
@@ -257,6 +257,9 @@ def _report_text(proto: Protocol, results: dict[str, Any], plots: dict[str, str]
         for key in ("n_failed", "chirality"):
             if key in r:
                 lines.append(f"| {key.replace('_', ' ')} | {r[key]} |")
+    for key in ("delta_f_failure", "profile_comparison_failure"):
+        if key in steps.get("profile", {}):
+            lines.append(f"| {key.replace('_', ' ')} | {steps['profile'][key]} |")
     lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"- {k}: `{Path(v).name}`" for k, v in plots.items()] + [""]

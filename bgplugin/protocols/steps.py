@@ -372,7 +372,7 @@ def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[s
     with np.load(run.step_dir("reweight") / "reweighted.npz") as saved:
         x, log_w = saved["x"], saved["log_w"]
     cv = system.cvs[cfg.cv]
-    values = np.asarray(cv.compute(x))
+    values = np.asarray(cv(x))
     temperature = float(system.temperature)
     rw = free_energy_profile(values, cfg.cv, cfg.bins, log_weights=log_w, n_bootstrap=cfg.n_bootstrap,
                              temperature=temperature, seed=protocol.seed)  # fmt: skip
@@ -380,23 +380,30 @@ def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[s
                               seed=protocol.seed)  # fmt: skip
     rw.save(folder / "profile_reweighted.json")
     raw.save(folder / "profile_flow.json")
-    diff = delta_f(values, cfg.state_a, cfg.state_b, log_weights=log_w, temperature=temperature)
-    out: dict[str, Any] = {"delta_f": diff.value, "delta_f_error": diff.error, "delta_f_detail": diff.to_dict(),
-                           "cv": cfg.cv}  # fmt: skip
+    out: dict[str, Any] = {"cv": cfg.cv, "delta_f": None, "delta_f_error": None}
+    diff = None
+    try:
+        diff = delta_f(values, cfg.state_a, cfg.state_b, log_weights=log_w, temperature=temperature)
+        out.update(delta_f=diff.value, delta_f_error=diff.error, delta_f_detail=diff.to_dict())
+    except ValueError as exc:  # e.g. no weighted sample in one state: a flow too poor for this question
+        logger.warning("no free-energy difference from the reweighted samples: %s", exc)
+        out["delta_f_failure"] = str(exc)
     reference, ref_diff = _reference(protocol, run, cfg.reference)
+    out["profile_rmse"] = None
     if reference is not None:
         reference.save(folder / "profile_reference.json")
-        comparison = compare_profiles(rw, reference, f_max=cfg.f_max)
-        out["profile_comparison"] = comparison
-        out["profile_rmse"] = comparison["rmse"]
-    else:
-        out["profile_rmse"] = None
-    if ref_diff is not None:
-        out.update(reference_delta_f=ref_diff.value, reference_delta_f_error=ref_diff.error,
-                   delta_f_minus_reference=diff.value - ref_diff.value,
+        try:
+            comparison = compare_profiles(rw, reference, f_max=cfg.f_max)
+            out["profile_comparison"] = comparison
+            out["profile_rmse"] = comparison["rmse"]
+        except ValueError as exc:
+            logger.warning("the profile could not be compared with the reference: %s", exc)
+            out["profile_comparison_failure"] = str(exc)
+    out.update(reference_delta_f=None if ref_diff is None else ref_diff.value,
+               reference_delta_f_error=None if ref_diff is None else ref_diff.error)  # fmt: skip
+    if ref_diff is not None and diff is not None:
+        out.update(delta_f_minus_reference=diff.value - ref_diff.value,
                    delta_f_z=(diff.value - ref_diff.value) / math.hypot(diff.error, ref_diff.error))  # fmt: skip
-    else:
-        out.update(reference_delta_f=None, reference_delta_f_error=None)
     out["reference"] = cfg.reference
     return out
 
