@@ -151,7 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
         particles.add_argument("--seed", type=int, default=0)
         particles.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         particles.set_defaults(func=_bench_particles)
+    # The options live with the benchmark, whose imports are heavy: parse them only when it runs.
+    mcmc = bench_sub.add_parser(
+        "mcmc", add_help=False, help="Langevin MD alone vs Langevin + flow moves at equal energy evaluations"
+    )
+    mcmc.set_defaults(func=_bench_mcmc, passes_options=True)
     return parser
+
+
+def _bench_mcmc(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.mcmc import add_arguments, main
+
+    parser = argparse.ArgumentParser(
+        prog="bgplugin bench mcmc",
+        description="Langevin MD alone vs Langevin + flow moves, at equal numbers of energy evaluations.",
+    )
+    add_arguments(parser)
+    return int(main(parser.parse_args(args.options)))
 
 
 def _positive_int(text: str) -> int:
@@ -162,9 +178,15 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passes_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.options = extra
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # pymbar warns about JAX and timeseries caveats on import; documented, not actionable
+        logging.getLogger("pymbar").setLevel(logging.ERROR)
     return int(args.func(args))
 
 
