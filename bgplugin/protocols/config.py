@@ -149,7 +149,7 @@ class ModelConfig:
     symmetry: Literal["E(n)", "SE(n)"] = "SE(n)"
     prior_std: float = 0.16
     solver_steps: int = 20
-    distinguishable: Literal["none", "backbone"] = "backbone"
+    distinguishable: Literal["all", "backbone", "none"] = "all"
 
 
 @dataclass(frozen=True)
@@ -183,10 +183,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Flow samples with exact log-densities, written in resumable chunks."""
+    """Flow samples with exact log-densities, written in resumable chunks.
+
+    ``n_workers``: processes that draw chunks in parallel on a CPU (a GPU uses one).
+    """
 
     n_samples: int = 10_000
     chunk_size: int = 256
+    n_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -454,7 +458,7 @@ def _check_values(p: Protocol) -> None:
             raise ProtocolError("train needs data: add a simulate section or set train.dataset to a Dataset file")
     if p.sample is not None:
         checks += [("sample.n_samples", p.sample.n_samples, "int>=1"), ("sample.chunk_size", p.sample.chunk_size,
-                   "int>=1")]  # fmt: skip
+                   "int>=1"), ("sample.n_workers", p.sample.n_workers, "int>=1")]  # fmt: skip
     if p.reweight is not None:
         checks.append(("reweight.n_workers", p.reweight.n_workers, "int>=1"))
         checks.append(("reweight.forward_ess_frames", p.reweight.forward_ess_frames, ">=0"))

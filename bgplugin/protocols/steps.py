@@ -250,29 +250,45 @@ class _nothing:
 
 # ----------------------------------------------------------------------- sample
 def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
-    """Draw flow samples with exact log q in chunks (``sample/chunk_*.npz``), then join them."""
+    """Draw flow samples with exact log q in chunks (``sample/chunk_*.npz``), then join them.
+
+    Chunk ``k`` is drawn with its own seed, so the samples do not depend on
+    ``n_workers`` or on how often the step was interrupted. On a CPU,
+    ``n_workers`` processes (one torch thread each) share the chunks.
+    """
     from tqdm.auto import tqdm
 
     cfg = protocol.sample
     if cfg is None:
         raise RuntimeError("the sample step needs a sample section")
-    flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
+    flow_path = run.step_dir("train") / FLOW_FILE
     folder = run.step_dir("sample")
     n_chunks = math.ceil(cfg.n_samples / cfg.chunk_size)
+    todo = [k for k in range(n_chunks) if not (folder / f"chunk_{k:05d}.npz").is_file()]
+    sizes = {k: min(cfg.chunk_size, cfg.n_samples - k * cfg.chunk_size) for k in todo}
+    jobs = [(str(flow_path), device, protocol.seed * 1_000_003 + k, sizes[k], str(folder / f"chunk_{k:05d}.npz"))
+            for k in todo]  # fmt: skip
+    workers = 1 if device.startswith("cuda") else min(cfg.n_workers, max(1, len(jobs)))
     start = time.perf_counter()
-    drawn = 0
-    for k in tqdm(range(n_chunks), desc="sampling (exact log q)", disable=not progress, unit="chunk"):
-        path = folder / f"chunk_{k:05d}.npz"
-        if path.is_file():
-            continue
-        m = min(cfg.chunk_size, cfg.n_samples - k * cfg.chunk_size)
-        generator = torch.Generator(device=flow.device).manual_seed(protocol.seed * 1_000_003 + k)
-        with torch.no_grad():
-            x, log_q = flow.sample(m, generator=generator)
-        arrays = {"x": x.cpu().numpy().astype(np.float32), "log_q": log_q.cpu().numpy().astype(np.float64)}
-        atomic_write(path, lambda handle, a=arrays: np.savez(handle, **a))
-        drawn += m
+    bar = tqdm(total=len(jobs), desc="sampling (exact log q)", disable=not progress, unit="chunk")
+    if workers == 1:
+        for job in jobs:
+            _sample_chunk(*job)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        from bgplugin.energies.pool import SINGLE_THREAD_ENV
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_single_threaded, initargs=(SINGLE_THREAD_ENV,)) as pool:  # fmt: skip
+            for future in as_completed([pool.submit(_sample_chunk, *job) for job in jobs]):
+                future.result()
+                bar.update()
+    bar.close()
     seconds = time.perf_counter() - start
+    drawn = sum(sizes.values())
     x_all, lq_all = [], []
     for k in range(n_chunks):
         with np.load(folder / f"chunk_{k:05d}.npz") as chunk:
@@ -281,8 +297,25 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
     x_cat, lq_cat = np.concatenate(x_all), np.concatenate(lq_all)
     atomic_write(folder / SAMPLES_FILE, lambda handle: np.savez(handle, x=x_cat, log_q=lq_cat))
     rate = drawn / seconds if drawn and seconds > 0 else None
-    return {"n_samples": len(x_cat), "samples_per_second": rate, "device": str(flow.device),
+    return {"n_samples": len(x_cat), "samples_per_second": rate, "n_workers": workers, "device": device,
             "samples": str(folder / SAMPLES_FILE)}  # fmt: skip
+
+
+def _single_threaded(env: dict[str, str]) -> None:
+    import os
+
+    os.environ.update(env)
+    torch.set_num_threads(1)
+
+
+def _sample_chunk(flow_path: str, device: str, seed: int, n: int, out: str) -> None:
+    """Draw ``n`` samples with log q from the flow in ``flow_path`` and write them to ``out`` atomically."""
+    flow = load_flow(flow_path, device=device)
+    generator = torch.Generator(device=flow.device).manual_seed(seed)
+    with torch.no_grad():
+        x, log_q = flow.sample(n, generator=generator)
+    arrays = {"x": x.cpu().numpy().astype(np.float32), "log_q": log_q.cpu().numpy().astype(np.float64)}
+    atomic_write(out, lambda handle: np.savez(handle, **arrays))
 
 
 # --------------------------------------------------------------------- reweight

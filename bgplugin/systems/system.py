@@ -291,11 +291,13 @@ class MolecularSystem(System):
     ) -> tuple[int, ...]:
         if atoms is None:
             return ()
+        if isinstance(atoms, str) and atoms == "all":
+            return tuple(range(topology.n_atoms))
         if isinstance(atoms, str):
             if atoms not in self.atom_groups:
                 raise ValueError(
                     f"distinguishable={atoms!r} is not an atom group of this system; "
-                    f"known groups: {list(self.atom_groups)}, or pass atom indices"
+                    f"known groups: {list(self.atom_groups)} and 'all', or pass atom indices"
                 )
             atoms = self.atom_groups[atoms]
         indices = []
@@ -375,7 +377,8 @@ class MolecularSystem(System):
             Named CVs; by default the backbone dihedrals found by mdtraj
             (``phi``/``psi`` for a dipeptide, ``phi_<resSeq>``... otherwise).
         distinguishable : atoms or group name or None
-            Atoms that get unique types (not interchangeable with same-element atoms).
+            Atoms that get unique types (not interchangeable with same-element atoms); ``"all"``
+            makes every atom distinguishable (what a flow for one bonded molecule needs).
         """
         path = Path(pdb)
         if not path.is_file():
