@@ -290,6 +290,7 @@ FIELDS: dict[str, Callable[[], nn.Module]] = {
     "egnn-3d-typed": lambda: EGNNField([0, 1, 1, 2, 0], 3, hidden=8, n_layers=3),
     "egnn-se3": lambda: EGNNField([0, 1, 1, 2, 0], 3, hidden=8, n_layers=3, symmetry="SE(n)"),
     "egnn-se2": lambda: EGNNField([0, 0, 1, 1], 2, hidden=8, n_layers=2, symmetry="SE(n)"),
+    "egnn-se3-scaled": lambda: EGNNField([0, 1, 1, 2, 0], 3, hidden=8, n_layers=3, symmetry="SE(n)", length_scale=0.1),
     "kernel-3d-typed": lambda: KernelField(
         [0, 1, 1, 0, 2], 3, n_distance_kernels=5, n_time_kernels=3, max_distance=3.0
     ),

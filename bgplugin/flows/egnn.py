@@ -295,6 +295,11 @@ class EGNNField(VectorField):
         ``"E(n)"``: equivariant under rotations and reflections. ``"SE(n)"``:
         rotations only (adds the pseudovector term described in the module
         docstring), for chiral molecules.
+    length_scale : float
+        The network works on ``x / length_scale`` and returns its velocity
+        scaled back, so that distances it sees are of order one (e.g. 0.1 for
+        molecules in nm, 1 for the reduced units of particle systems). The
+        divergence is unchanged by this rescaling.
 
     Notes
     -----
@@ -316,8 +321,11 @@ class EGNNField(VectorField):
         hidden: int = 64,
         n_layers: int = 5,
         symmetry: Symmetry = "E(n)",
+        length_scale: float = 1.0,
     ) -> None:
         super().__init__(atom_types, dim)
+        if not (isinstance(length_scale, (int, float)) and math.isfinite(length_scale) and length_scale > 0):
+            raise ValueError(f"length_scale must be a finite number > 0, got {length_scale!r}")
         if dim not in (2, 3):
             raise ValueError(f"EGNNField supports dim 2 or 3, got {dim}; embed other systems in 3-d")
         if hidden < 1 or n_layers < 1:
@@ -327,6 +335,7 @@ class EGNNField(VectorField):
         self.hidden = int(hidden)
         self.n_layers = int(n_layers)
         self.symmetry: Symmetry = symmetry
+        self.length_scale = float(length_scale)
         n = self.n_particles
         self.type_embedding = nn.Embedding(self.n_types, hidden)
         self.time_weight = nn.Parameter(torch.randn(hidden))
@@ -344,6 +353,7 @@ class EGNNField(VectorField):
             "hidden": self.hidden,
             "n_layers": self.n_layers,
             "symmetry": self.symmetry,
+            "length_scale": self.length_scale,
         }
 
     def memory_per_sample(self, divergence: str) -> int:
@@ -366,13 +376,15 @@ class EGNNField(VectorField):
         return self.type_embedding(self.atom_types).unsqueeze(0) + t[:, None, None] * self.time_weight
 
     def _velocity(self, t: Tensor, x: Tensor) -> Tensor:
+        # The network sees y = x / length_scale and v = length_scale * (y^L - y).
+        x = x / self.length_scale
         h = self._initial_features(t)
         mask_scaled = self._mask_scaled(x)
         x_l = x
         for layer in self.layers:
             h, x_l = layer(h, x_l, self.eye, mask_scaled)
         v = x_l - x
-        return v - v.mean(1, keepdim=True)
+        return (v - v.mean(1, keepdim=True)) * self.length_scale
 
     def _velocity_and_divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         # Blocks of samples keep the (block * n * K, hidden) tangent matrices cache-sized:
@@ -386,6 +398,8 @@ class EGNNField(VectorField):
         return torch.cat([v for v, _ in parts]), torch.cat([div for _, div in parts])
 
     def _velocity_and_divergence_block(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        # With y = x / s and v = s * g(y), dv/dx = dg/dy: the trace is taken in y and v scaled back.
+        x = x / self.length_scale
         basis = mean_free_basis(self.n_particles, self.dim, x.dtype, x.device)
         x_dot = basis.expand(x.shape[0], *basis.shape)
         h = self._initial_features(t)
@@ -398,4 +412,4 @@ class EGNNField(VectorField):
         # U^T (J_xL - I) U summed over the mean-free directions; removing the mean of v
         # does not change u^T J u for mean-free u.
         div = (x_dot * basis).sum((1, 2, 3)) - basis.shape[-1]
-        return v - v.mean(1, keepdim=True), div
+        return (v - v.mean(1, keepdim=True)) * self.length_scale, div

@@ -148,6 +148,7 @@ class ModelConfig:
     n_layers: int = 5
     symmetry: Literal["E(n)", "SE(n)"] = "SE(n)"
     prior_std: float = 0.16
+    length_scale: float = 1.0
     solver_steps: int = 20
     distinguishable: Literal["all", "backbone", "none"] = "all"
 
@@ -447,6 +448,7 @@ def _check_values(p: Protocol) -> None:
                    ("train.model.hidden", t.model.hidden, "int>=1"),
                    ("train.model.n_layers", t.model.n_layers, "int>=1"),
                    ("train.model.prior_std", t.model.prior_std, ">0"),
+                   ("train.model.length_scale", t.model.length_scale, ">0"),
                    ("train.model.solver_steps", t.model.solver_steps, "int>=1")]  # fmt: skip
         if t.max_steps is not None:
             checks.append(("train.max_steps", t.max_steps, "int>=1"))

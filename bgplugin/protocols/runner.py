@@ -135,6 +135,7 @@ def results_of(run: RunDirectory, device: str) -> dict[str, Any]:
         "reference_delta_f": prof.get("reference_delta_f"),
         "reference_delta_f_error": prof.get("reference_delta_f_error"),
         "profile_rmse": prof.get("profile_rmse"),
+        "simulation_delta_f": _simulation_delta_f(run),
         "n_samples": run.summary("sample").get("n_samples"),
         "wall_seconds": {**wall, "total": float(sum(wall.values()))},
         "device": device,
@@ -144,6 +145,16 @@ def results_of(run: RunDirectory, device: str) -> dict[str, Any]:
 
     results["machine"] = machine_record()
     return results
+
+
+def _simulation_delta_f(run: RunDirectory) -> dict[str, Any] | None:
+    """dF of this run's own umbrella stage (MBAR profile, bootstrap error), if it ran one."""
+    for stage in run.summary("simulate").get("stages", []):
+        if stage.get("engine") == "umbrella" and "delta_f" in stage:
+            d = stage["delta_f"]
+            return {"delta_f": d["delta_f_kT"], "delta_f_error": d["error_kT"],
+                    "method": "umbrella sampling (this run)"}  # fmt: skip
+    return None
 
 
 # ----------------------------------------------------------------------- report
@@ -238,6 +249,9 @@ def _report_text(proto: Protocol, results: dict[str, Any], plots: dict[str, str]
     lines.append(f"| reverse ESS | {_fmt(None if ess is None else 100 * ess, digits=2)} % |")
     lines.append(f"| forward ESS | {_fmt(None if fwd is None else 100 * fwd, digits=2)} % |")
     lines.append(f"| ΔF (flow, reweighted) | {_fmt(results.get('delta_f'), results.get('delta_f_error'))} kT |")
+    sim = results.get("simulation_delta_f")
+    if sim is not None:
+        lines.append(f"| ΔF (this run's umbrella sampling, MBAR) | {_fmt(sim['delta_f'], sim['delta_f_error'])} kT |")
     lines.append(
         f"| ΔF (reference) | {_fmt(results.get('reference_delta_f'), results.get('reference_delta_f_error'))} kT |"
     )

@@ -184,8 +184,8 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
         torch.manual_seed(protocol.seed)
         flow = build_flow(
             system, model.field, prior_std=model.prior_std, steps=model.solver_steps, device=device,
-            **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry}
-               if model.field == "egnn" else {}),
+            **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry,
+                "length_scale": model.length_scale} if model.field == "egnn" else {}),
         )  # fmt: skip
     if train.objective == "nll":
         objective: Any = MaximumLikelihood(divergence="hutchinson")
