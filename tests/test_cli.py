@@ -57,3 +57,33 @@ def test_bench_divergence_small(monkeypatch) -> None:
     assert r["speedup"] == pytest.approx(r["samples_per_s_fast"] / r["samples_per_s_loop"])
     assert r["logq_max_abs_difference_fast_vs_loop"] < 1e-3  # same model, same steps: same log q
     assert "ratio" in divergence.format_divergence(result)
+
+
+def test_run_refuses_an_unknown_protocol_with_the_bundled_names(capsys) -> None:
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        main(["run", "no_such_protocol"])
+
+
+def test_run_twice_resumes_without_redoing_steps(tmp_path, capsys) -> None:
+    """`bgplugin run FILE` twice: the second run finds the simulate step finished and does not redo it."""
+    import yaml
+    from test_protocols import tiny_quickstart
+
+    protocol = tmp_path / "tiny.yaml"
+    data = tiny_quickstart()
+    for section in ("train", "sample", "reweight", "profile", "report"):
+        del data[section]
+    protocol.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert main(["run", str(protocol), "--out", str(out), "--no-progress"]) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["steps"]["simulate"]["finished"]
+    stamp = (out / "simulate" / "data.h5").stat().st_mtime_ns
+    assert main(["run", str(protocol), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "simulate" / "data.h5").stat().st_mtime_ns == stamp
+    assert "results:" in capsys.readouterr().out
+
+
+def test_bench_mcmc_without_a_flow_says_how_to_make_one(capsys) -> None:
+    assert main(["bench", "mcmc"]) == 2
+    assert "--flow" in capsys.readouterr().err
