@@ -216,7 +216,13 @@ class ReweightConfig:
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    """Free-energy profile and dF from the reweighted samples, compared with a reference."""
+    """Free-energy profile and dF from the reweighted samples, compared with a reference.
+
+    ``min_effective_samples``: below this Kish effective sample size the
+    reweighted dF is not reported as a number (its delta-method error bar
+    would be meaningless: one dominant weight gives a tiny error around an
+    arbitrary value); the summary says why and keeps the raw estimate aside.
+    """
 
     cv: str = "phi"
     bins: int = 36
@@ -225,6 +231,7 @@ class ProfileConfig:
     state_a: tuple[float, float] = (0.0, math.pi)
     state_b: tuple[float, float] = (-math.pi, 0.0)
     reference: str | None = "bundled"
+    min_effective_samples: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -469,7 +476,8 @@ def _check_values(p: Protocol) -> None:
             raise ProtocolError(f"reweight.clip_quantile must be in (0.5, 1) or null (no clipping), got {q}")
     if p.profile is not None:
         checks += [("profile.bins", p.profile.bins, "int>=1"), ("profile.n_bootstrap", p.profile.n_bootstrap,
-                   "int>=1"), ("profile.f_max", p.profile.f_max, ">0")]  # fmt: skip
+                   "int>=1"), ("profile.f_max", p.profile.f_max, ">0"),
+                   ("profile.min_effective_samples", p.profile.min_effective_samples, ">=0")]  # fmt: skip
     if p.mcmc is not None:
         checks += [("mcmc.n_iterations", p.mcmc.n_iterations, "int>=1"),
                    ("mcmc.langevin_steps", p.mcmc.langevin_steps, "int>=1"),

@@ -257,7 +257,9 @@ def _report_text(proto: Protocol, results: dict[str, Any], plots: dict[str, str]
     )
     lines.append(f"| profile RMSE (F < {proto.profile.f_max if proto.profile else 6} kT) | "
                  f"{_fmt(results.get('profile_rmse'))} kT |")  # fmt: skip
-    lines.append(f"| samples | {results.get('n_samples')} |")
+    n_eff = steps.get("profile", {}).get("n_effective")
+    lines.append(f"| samples | {results.get('n_samples')}"
+                 + ("" if n_eff is None else f" ({n_eff:.1f} effective)") + " |")  # fmt: skip
     wall = results["wall_seconds"]
     lines.append(f"| wall time | {wall['total'] / 60:.1f} min ("
                  + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items() if k != "total") + ") |")  # fmt: skip

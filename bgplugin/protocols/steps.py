@@ -413,11 +413,24 @@ def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[s
                               seed=protocol.seed)  # fmt: skip
     rw.save(folder / "profile_reweighted.json")
     raw.save(folder / "profile_flow.json")
-    out: dict[str, Any] = {"cv": cfg.cv, "delta_f": None, "delta_f_error": None}
+    from bgplugin.reweighting import ess
+
+    n_effective = ess(log_w) * len(log_w)
+    out: dict[str, Any] = {"cv": cfg.cv, "delta_f": None, "delta_f_error": None, "n_effective": n_effective}
     diff = None
     try:
-        diff = delta_f(values, cfg.state_a, cfg.state_b, log_weights=log_w, temperature=temperature)
-        out.update(delta_f=diff.value, delta_f_error=diff.error, delta_f_detail=diff.to_dict())
+        estimate = delta_f(values, cfg.state_a, cfg.state_b, log_weights=log_w, temperature=temperature)
+        out["delta_f_detail"] = estimate.to_dict()
+        if n_effective < cfg.min_effective_samples:
+            out["delta_f_failure"] = (
+                f"not reported: the weights leave {n_effective:.1f} effective samples (< min_effective_samples = "
+                f"{cfg.min_effective_samples:g}), where the error bar means nothing; the raw estimate "
+                f"{estimate.value:.2f} +- {estimate.error:.2f} kT is kept in delta_f_detail"
+            )
+            logger.warning("reweighted dF %s", out["delta_f_failure"])
+        else:
+            diff = estimate
+            out.update(delta_f=diff.value, delta_f_error=diff.error)
     except ValueError as exc:  # e.g. no weighted sample in one state: a flow too poor for this question
         logger.warning("no free-energy difference from the reweighted samples: %s", exc)
         out["delta_f_failure"] = str(exc)
