@@ -339,6 +339,9 @@ def _weighted_free_energies(
         idx = rng.integers(0, n, n)
         wb = inside_w[idx]
         total = w[idx].sum()
+        if total <= 0:  # every drawn frame has weight 0: this replicate has no information
+            f_boot[b] = np.inf
+            continue
         with np.errstate(divide="ignore"):
             f_boot[b] = -np.log(np.bincount(safe_index[idx], wb, minlength=n_bins) / total)
     with np.errstate(invalid="ignore"):
