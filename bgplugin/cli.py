@@ -156,7 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
         "mcmc", add_help=False, help="Langevin MD alone vs Langevin + flow moves at equal energy evaluations"
     )
     mcmc.set_defaults(func=_bench_mcmc, passes_options=True)
+    eacf = bench_sub.add_parser(
+        "eacf", add_help=False, help="train and score an E-ACF coupling flow (dw4, lj13) against the CNF"
+    )
+    eacf.set_defaults(func=_bench_eacf, passes_options=True)
     return parser
+
+
+def _bench_eacf(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.eacf import add_arguments, bench_eacf_from_args, format_eacf
+    from bgplugin.fileio import write_json
+
+    parser = argparse.ArgumentParser(
+        prog="bgplugin bench eacf", description="Train an E-ACF on the published splits and compare it with the CNF."
+    )
+    add_arguments(parser)
+    options = parser.parse_args(args.options)
+    result = bench_eacf_from_args(options)
+    print(format_eacf(result))
+    if getattr(options, "out", None):
+        print(f"wrote {write_json(options.out, result)}")
+    return 0
 
 
 def _bench_mcmc(args: argparse.Namespace) -> int:

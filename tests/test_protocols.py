@@ -49,6 +49,7 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"system": "ala3"}, "system must be one of"),
         ({"reweight": {"clip_quantile": 2.0}}, "reweight.clip_quantile must be in (0.5, 1)"),
         ({"profile": {"state_a": [0.0]}}, "profile.state_a must be a list of 2 values"),
+        ({"train": {"model": {"kind": "eacf"}}}, "train.model.kind 'eacf' is not wired into protocols yet"),
     ],
 )
 def test_bad_values_name_the_key(change: dict, message: str) -> None:

@@ -3,10 +3,12 @@
 ``build_flow(system, field="egnn" | "kernel", **hyperparameters)`` returns a
 :class:`CNF` whose ``sample(n) -> (x, log_q)`` and ``log_prob(x)`` integrate
 the divergence exactly (closed form for both fields). See ``docs/flows.md``.
+``build_flow(system, kind="eacf", ...)`` returns an equivariant augmented
+coupling flow with the same interface (:mod:`bgplugin.flows.eacf`, ``docs/eacf.md``).
 """
 
 from bgplugin.flows.bench import benchmark_divergence, select_rk4_steps
-from bgplugin.flows.build import FIELDS, FieldKind, SystemLike, build_flow, load_flow
+from bgplugin.flows.build import FIELDS, FieldKind, FlowKind, SystemLike, build_flow, load_flow
 from bgplugin.flows.cnf import CNF, DeviceSpec, Solver, resolve_device
 from bgplugin.flows.divergence import DivergenceMode, ProbeDistribution
 from bgplugin.flows.egnn import EGNNField, Symmetry
@@ -22,6 +24,7 @@ __all__ = [
     "DivergenceMode",
     "EGNNField",
     "FieldKind",
+    "FlowKind",
     "KernelField",
     "MeanFreeGaussian",
     "ProbeDistribution",

@@ -6,7 +6,7 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -25,11 +25,15 @@ from bgplugin.flows.field import VectorField
 from bgplugin.flows.kernel import KernelField
 from bgplugin.flows.prior import MeanFreeGaussian
 
-__all__ = ["FIELDS", "FieldKind", "SystemLike", "build_flow", "load_flow"]
+if TYPE_CHECKING:
+    from bgplugin.flows.eacf import EACF
+
+__all__ = ["FIELDS", "FieldKind", "FlowKind", "SystemLike", "build_flow", "load_flow"]
 
 logger = logging.getLogger(__name__)
 
 FieldKind = Literal["egnn", "kernel"]
+FlowKind = Literal["cnf", "eacf"]
 FIELDS: dict[str, type[VectorField]] = {"egnn": EGNNField, "kernel": KernelField}
 
 
@@ -45,6 +49,7 @@ def build_flow(
     system: SystemLike,
     field: FieldKind = "egnn",
     *,
+    kind: FlowKind = "cnf",
     prior_std: float = 1.0,
     solver: Solver = "rk4",
     steps: int = 20,
@@ -58,8 +63,8 @@ def build_flow(
     device: DeviceSpec = "auto",
     dtype: torch.dtype = torch.float32,
     **hyperparameters: Any,
-) -> CNF:
-    """Build a CNF for a system; the one entry point for users and protocols.
+) -> CNF | EACF:
+    """Build a flow for a system; the one entry point for users and protocols.
 
     Parameters
     ----------
@@ -68,6 +73,11 @@ def build_flow(
     field : {"egnn", "kernel"}
         Velocity field: :class:`~bgplugin.flows.EGNNField` or
         :class:`~bgplugin.flows.KernelField`.
+    kind : {"cnf", "eacf"}
+        ``"cnf"``: a continuous normalizing flow (default). ``"eacf"``: an
+        equivariant augmented coupling flow, :class:`bgplugin.flows.eacf.EACF`;
+        ``prior_std``, ``device``, ``dtype`` and ``**hyperparameters`` go to
+        :func:`bgplugin.flows.eacf.build_eacf`, the solver options do not apply.
     prior_std : float
         Standard deviation of the mean-free Gaussian prior (length units).
     solver, steps, atol, rtol, divergence, n_probes, adjoint, chunk_size, memory_budget_mb, device
@@ -80,8 +90,12 @@ def build_flow(
 
     Returns
     -------
-    CNF
+    CNF or EACF
     """
+    if kind == "eacf":
+        return _build_eacf(system, locals())
+    if kind != "cnf":
+        raise ValueError(f"kind must be 'cnf' or 'eacf', got {kind!r}")
     if field not in FIELDS:
         raise ValueError(f"field must be one of {sorted(FIELDS)}, got {field!r}")
     if dtype not in (torch.float32, torch.float64):
@@ -125,8 +139,27 @@ def build_flow(
     return flow
 
 
-def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> CNF:
-    """Load a flow written by :meth:`CNF.save`.
+def _build_eacf(system: SystemLike, arguments: dict[str, Any]) -> EACF:
+    """The ``kind="eacf"`` branch of :func:`build_flow` (CNF-only options must keep their defaults)."""
+    from bgplugin.flows.eacf import build_eacf
+
+    defaults = inspect.signature(build_flow).parameters
+    cnf_only = ("field", "solver", "steps", "atol", "rtol", "divergence", "n_probes", "adjoint", "chunk_size",
+                "memory_budget_mb")  # fmt: skip
+    changed = [name for name in cnf_only if arguments[name] != defaults[name].default]
+    if changed:
+        raise ValueError(f"{changed} are CNF options and do not apply to kind='eacf'; leave them out")
+    return build_eacf(
+        system,
+        prior_std=arguments["prior_std"],
+        device=arguments["device"],
+        dtype=arguments["dtype"],
+        **arguments["hyperparameters"],
+    )
+
+
+def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> CNF | EACF:
+    """Load a flow written by :meth:`CNF.save` or :meth:`bgplugin.flows.eacf.EACF.save`.
 
     Parameters
     ----------
@@ -137,13 +170,17 @@ def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> C
 
     Returns
     -------
-    CNF
+    CNF or EACF
         Same hyperparameters, options, dtype and weights as the saved flow.
     """
     source = Path(path)
     if not source.is_file():
         raise ValueError(f"no saved flow at {str(source)!r}; check the path (CNF.save writes one file)")
     payload = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("kind") == "eacf":
+        from bgplugin.flows.eacf import load_eacf
+
+        return load_eacf(source, device=device)
     if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
         raise ValueError(f"{str(source)!r} is not a file written by CNF.save (format key missing or different)")
     if payload.get("version") != SAVE_VERSION:

@@ -463,6 +463,11 @@ def _check_values(p: Protocol) -> None:
             checks.append(("train.max_frames", t.max_frames, "int>=1"))
         if t.ema_decay is not None and not 0 < t.ema_decay < 1:
             raise ProtocolError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+        if t.model.kind == "eacf":
+            raise ProtocolError(
+                "train.model.kind 'eacf' is not wired into protocols yet; use 'cnf', or build and train an E-ACF "
+                "from Python (bgplugin.flows.build_flow(system, kind='eacf'), bgplugin.flows.eacf.training)"
+            )
         if not p.simulate and t.dataset is None:
             raise ProtocolError("train needs data: add a simulate section or set train.dataset to a Dataset file")
     if p.sample is not None:

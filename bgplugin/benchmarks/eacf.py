@@ -1,0 +1,403 @@
+r"""``bgplugin bench eacf``: train an E-ACF on the published particle data, score it, and time it against the CNF.
+
+:func:`bench_eacf` trains an equivariant augmented coupling flow
+(:mod:`bgplugin.flows.eacf`) on DW4 or LJ13 (the splits of
+``shared/data``, see :mod:`bgplugin.benchmarks.particles`) by joint maximum
+likelihood (``objective="ml"``) or from the energy alone (``"fab"``: FAB
+with the :math:`\alpha = 2` divergence; ``"kl"``: joint reverse KL) for a
+wall-clock budget, then reports
+
+``nll`` / ``nll_with_prior_constant``
+    test NLL of the marginal estimate :math:`\log\hat q_M(x)` (Eq. 21 of the
+    paper, ``M = n_marginal`` draws), without / with the prior constant
+    :math:`\frac{(N-1)D}{2}\ln 2\pi` (the EFM tables exclude it);
+``joint_nll``
+    :math:`-\log q(x, a) + \log\pi(a|x)` on test data with one draw of ``a``
+    (an upper bound of the NLL, exact in one pass);
+``ess`` / ``ess_joint``
+    reverse Kish ESS / n of flow samples with marginal-estimate weights
+    :math:`-u(x) - \log\hat q_M(x)`, and with the joint weights
+    :math:`-u(x) + \log\pi(a|x) - \log q(x, a)` (a lower bound of the marginal ESS);
+``forward_ess``
+    on test configurations with marginal-estimate weights;
+``speed``
+    samples/s on this machine for E-ACF joint samples with exact joint log q
+    (one pass), E-ACF samples with the M-draw marginal log q, and the CNF of
+    this package with its exact log q (closed-form divergence, RK4), and the
+    ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+
+from bgplugin.benchmarks.common import machine_record
+from bgplugin.benchmarks.particles import (
+    evaluation_subset,
+    forward_ess,
+    kish_ess,
+    load_split,
+    prior_constant,
+)
+from bgplugin.fileio import write_json
+from bgplugin.flows import CNF, build_flow, load_flow
+from bgplugin.flows.bench import torch_threads
+from bgplugin.flows.eacf import EACF
+from bgplugin.flows.eacf.training import FABAlpha2, JointMaximumLikelihood, JointReverseKL, train_eacf
+from bgplugin.systems import System, get_system
+
+__all__ = ["EACFObjective", "add_arguments", "bench_eacf", "bench_eacf_from_args", "format_eacf"]
+
+logger = logging.getLogger(__name__)
+
+EACFObjective = Literal["ml", "fab", "kl"]
+EACFBenchmark = Literal["dw4", "lj13"]
+
+#: Per-system defaults sized for a CPU: flow size, batch, evaluation counts; the CNF the speed is compared with
+#: is the EGNN of ``bench dw4|lj13`` (3 layers, width 32, RK4-20, closed-form divergence).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dw4": {"n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 128, "n_eval_samples": 5000,
+            "n_eval_test": 2000, "cnf": {"hidden": 32, "n_layers": 3}},
+    "lj13": {"n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 64, "n_eval_samples": 2000,
+             "n_eval_test": 1000, "cnf": {"hidden": 32, "n_layers": 3}},
+}  # fmt: skip
+_PROBE_STEPS = 5
+
+
+def _energies(system: System, x: torch.Tensor) -> torch.Tensor:
+    """Reduced energies in float64 on the CPU (+inf for failed frames)."""
+    return system.energy().evaluate(x.detach().to("cpu", torch.float64), need_forces=False).u
+
+
+def _timed(fn: Any, repeats: int = 3) -> float:
+    """Best wall time of ``repeats`` calls (seconds)."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _speed(flow: EACF, cnf: CNF, n_eacf: int, n_cnf: int, n_marginal: int) -> dict[str, Any]:
+    """Samples/s with log q: E-ACF joint (exact), E-ACF marginal (M draws), CNF (exact)."""
+    with torch.no_grad():
+        flow.sample_joint(16)  # warm-up
+        joint = _timed(lambda: flow.sample_joint(n_eacf))
+        marginal = _timed(lambda: flow.sample(n_eacf, n_marginal=n_marginal))
+        cnf.sample(4)
+        cnf_seconds = _timed(lambda: cnf.sample(n_cnf), repeats=1)
+    rates = {
+        "eacf_joint_samples_per_s": n_eacf / joint,
+        "eacf_marginal_samples_per_s": n_eacf / marginal,
+        "cnf_samples_per_s": n_cnf / cnf_seconds,
+    }
+    return {
+        **rates,
+        "ratio_joint_vs_cnf": rates["eacf_joint_samples_per_s"] / rates["cnf_samples_per_s"],
+        "ratio_marginal_vs_cnf": rates["eacf_marginal_samples_per_s"] / rates["cnf_samples_per_s"],
+        "n_eacf": n_eacf,
+        "n_cnf": n_cnf,
+        "n_marginal": n_marginal,
+        "cnf": f"{cnf.field.kind}, {cnf.solver}-{cnf.steps}, divergence {cnf.divergence}",
+        "threads": torch.get_num_threads(),
+        "method": "best of 3 calls of sample_joint(n) / sample(n, n_marginal=M) for E-ACF, one call of "
+        "CNF.sample(n); no autograd; float32 on the CPU",
+    }
+
+
+def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
+              seed: int) -> dict[str, Any]:  # fmt: skip
+    constant = prior_constant(system.n_particles, system.dim)
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"prior_constant": constant}
+    with torch.no_grad():
+        log_q_test = flow.log_prob(x_test, n_marginal=n_marginal, generator=generator, progress=True).double()
+        a_test = flow.sample_aug(x_test, generator=generator)
+        log_q_joint = flow.log_prob_joint(x_test, a_test).double()
+        joint_nll = -(log_q_joint - flow.log_prob_aug(a_test, x_test).double())
+        nll = -log_q_test
+        ok = torch.isfinite(nll)
+        out["nll_with_prior_constant"] = float(nll[ok].mean())
+        out["nll"] = out["nll_with_prior_constant"] - constant
+        out["nll_stderr"] = float(nll[ok].std() / math.sqrt(max(1, int(ok.sum()))))
+        out["joint_nll_with_prior_constant"] = float(joint_nll[torch.isfinite(joint_nll)].mean())
+        u_test = _energies(system, x_test)
+        lw_test = -u_test - log_q_test
+        out["forward_ess"] = forward_ess(lw_test[torch.isfinite(lw_test)])
+        out["failed_test_frames"] = int((~torch.isfinite(lw_test)).sum())
+
+        x, a, log_q_joint_samples = flow.sample_joint(n_samples, generator=generator)
+        log_q_samples = flow.marginal_log_prob(x, flow.sample_aug(x, n_marginal, generator=generator), progress=True)
+        u = _energies(system, x)
+        lw = -u - log_q_samples.double()
+        lw_joint = -u + flow.log_prob_aug(a, x).double() - log_q_joint_samples.double()
+        ok_w, ok_joint = torch.isfinite(lw), torch.isfinite(lw_joint)
+        out["ess"] = kish_ess(lw[ok_w], n_total=n_samples)
+        out["ess_joint"] = kish_ess(lw_joint[ok_joint], n_total=n_samples)
+        out["failed_frames"] = int((~ok_w).sum())
+        out["mean_energy_flow"] = float(u[torch.isfinite(u)].mean())
+        out["mean_energy_test"] = float(u_test[torch.isfinite(u_test)].mean())
+        # float32 round trip of the flow on its own samples
+        x0, a0, _ = flow.inverse(x, a)
+        x_back, a_back, _ = flow.forward(x0, a0)
+        out["round_trip_max_abs"] = float(torch.maximum((x_back - x).abs().max(), (a_back - a).abs().max()))
+    return out
+
+
+def bench_eacf(
+    system: EACFBenchmark = "dw4",
+    out_dir: str | os.PathLike[str] = "runs/bench_eacf_dw4",
+    *,
+    objective: EACFObjective = "ml",
+    minutes: float = 10.0,
+    max_steps: int | None = None,
+    projection: Literal["spherical", "cartesian", "vector"] = "spherical",
+    n_blocks: int | None = None,
+    hidden: int | None = None,
+    n_layers: int | None = None,
+    n_aug: int = 1,
+    batch_size: int | None = None,
+    lr: float = 1e-3,
+    n_marginal: int = 20,
+    n_eval_samples: int | None = None,
+    n_eval_test: int | None = None,
+    n_speed_samples: int = 2000,
+    n_cnf_speed_samples: int = 200,
+    cnf_model: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    n_threads: int | None = 1,
+    progress: bool = True,
+    data_directory: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate an E-ACF on DW4 or LJ13 and time it against the CNF.
+
+    Parameters
+    ----------
+    system : {"dw4", "lj13"}
+    out_dir : path
+        Where ``flow.pt`` and ``result.json`` go.
+    objective : {"ml", "fab", "kl"}
+        Joint maximum likelihood on the training split, FAB (alpha = 2, AIS
+        with HMC and a replay buffer) or joint reverse KL from the energy.
+    minutes : float
+        Training wall-clock budget.
+    max_steps : int, optional
+        Length of the cosine schedule; default: the steps that fit in
+        ``minutes`` (from a short timing probe).
+    projection, n_blocks, hidden, n_layers, n_aug
+        Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer).
+    batch_size, lr
+        Per-step batch and peak learning rate (Adam, cosine decay, gradient guard).
+    n_marginal : int
+        ``M`` of the marginal estimate in the evaluation and the timing.
+    n_eval_samples, n_eval_test : int, optional
+        Flow samples for the reverse ESS and test configurations for the NLL.
+    n_speed_samples, n_cnf_speed_samples : int
+        Samples per timing call for the E-ACF and the CNF.
+    cnf_model : path, optional
+        A saved CNF to time (default: an untrained EGNN CNF of ``bench dw4|lj13``
+        size; RK4 cost does not depend on the weights).
+    seed : int
+    n_threads : int or None
+        ``torch.set_num_threads`` during the benchmark.
+    progress : bool
+    data_directory : path, optional
+        Folder with the splits (default :func:`bgplugin.benchmarks.particles.data_dir`).
+
+    Returns
+    -------
+    dict
+        Metrics (see the module docstring), ``training``, ``speed``, ``settings``,
+        ``machine``; also written to ``out_dir/result.json``.
+    """
+    wall_start = time.perf_counter()
+    if system not in _DEFAULTS:
+        raise ValueError(f"system must be one of {sorted(_DEFAULTS)}, got {system!r}")
+    if objective not in get_args(EACFObjective):
+        raise ValueError(f"objective must be one of {get_args(EACFObjective)}, got {objective!r}")
+    if not (isinstance(minutes, (int, float)) and minutes > 0 and math.isfinite(minutes)):
+        raise ValueError(f"minutes must be a finite number > 0, got {minutes!r}")
+    defaults = _DEFAULTS[system]
+    sys_ = get_system(system)
+    x_train = load_split(sys_, "train", data_directory)
+    x_test_all = load_split(sys_, "test", data_directory)
+    n_samples = defaults["n_eval_samples"] if n_eval_samples is None else n_eval_samples
+    n_test = min(defaults["n_eval_test"] if n_eval_test is None else n_eval_test, len(x_test_all))
+    hyper = {
+        "projection": projection,
+        "n_blocks": defaults["n_blocks"] if n_blocks is None else n_blocks,
+        "hidden": defaults["hidden"] if hidden is None else hidden,
+        "n_layers": defaults["n_layers"] if n_layers is None else n_layers,
+        "n_aug": n_aug,
+        "n_marginal": n_marginal,
+    }
+    batch = defaults["batch_size"] if batch_size is None else batch_size
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with torch_threads(n_threads):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flow = build_flow(sys_, kind="eacf", device="cpu", **hyper)
+            if not isinstance(flow, EACF):
+                raise TypeError(f"build_flow(kind='eacf') returned {type(flow).__name__}")
+            energy = sys_.energy()
+            data = torch.as_tensor(x_train) if objective == "ml" else None
+            if objective == "ml":
+                train_objective: Any = JointMaximumLikelihood(flow)
+            elif objective == "kl":
+                train_objective = JointReverseKL(flow, energy, n_samples=batch)
+            else:
+                train_objective = FABAlpha2(flow, energy, batch_size=batch, buffer_size=200 * batch,
+                                            min_buffer=min(20 * batch, 200 * batch))  # fmt: skip
+            steps = max_steps
+            if steps is None:
+                probe = train_eacf(
+                    flow, train_objective, data=data, steps=_PROBE_STEPS, lr=1e-12, batch_size=batch,
+                    schedule="constant", seed=seed + 1, progress=False,
+                )  # fmt: skip
+                per_step = (probe[-1]["seconds"] - probe[0]["seconds"]) / max(1, len(probe) - 1)
+                steps = max(20, int(60.0 * minutes / max(per_step, 1e-3)))
+                logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min", 1e3 * per_step, steps, minutes)
+            history = train_eacf(
+                flow, train_objective, data=data, steps=steps, lr=lr, batch_size=batch,
+                warmup_steps=min(100, steps // 10), max_minutes=minutes, seed=seed, progress=progress,
+            )  # fmt: skip
+            train_seconds = history[-1]["seconds"] if history else 0.0
+            flow.eval()
+            flow.save(out / "flow.pt")
+            x_test = torch.as_tensor(x_test_all[evaluation_subset(len(x_test_all), n_test, seed)])
+            eval_start = time.perf_counter()
+            metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed)
+            eval_seconds = time.perf_counter() - eval_start
+            cnf = load_flow(cnf_model, device="cpu") if cnf_model is not None else build_flow(
+                sys_, "egnn", device="cpu", **defaults["cnf"])  # fmt: skip
+            if not isinstance(cnf, CNF):
+                raise ValueError(f"cnf_model {cnf_model!s} is not a CNF (got {type(cnf).__name__})")
+            speed = _speed(flow, cnf, n_speed_samples, n_cnf_speed_samples, n_marginal)
+        threads = torch.get_num_threads()
+
+    tail = history[-max(1, len(history) // 20) :]
+    result: dict[str, Any] = {
+        "system": system,
+        "model": "eacf",
+        "objective": objective,
+        **metrics,
+        "speed": speed,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "n_parameters": sum(p.numel() for p in flow.parameters()),
+        "training": {
+            "steps": len(history),
+            "scheduled_steps": steps,
+            "final_loss": float(np.mean([row["loss"] for row in tail])) if tail else None,
+            "skipped_steps": sum(1 for row in history if row["action"] == 2.0),
+            "clipped_steps": sum(1 for row in history if row["action"] == 1.0),
+        },
+        "settings": {
+            "flow": flow.config() | {"atom_types": None},
+            "batch_size": batch,
+            "lr": lr,
+            "minutes": minutes,
+            "seed": seed,
+            "n_eval_samples": n_samples,
+            "n_eval_test": n_test,
+            "n_train": len(x_train),
+            "cnf_model": None if cnf_model is None else str(cnf_model),
+            "nll_convention": "nll excludes the prior constant ((N-1)*D/2)*ln(2*pi) (the EFM tables); "
+            "nll_with_prior_constant is -log q_M(x) on the mean-free subspace (marginal estimate, M draws)",
+        },
+        "machine": machine_record() | {"torch_threads": threads},
+        "out_dir": str(out),
+    }
+    result["wall_seconds"] = time.perf_counter() - wall_start
+    write_json(out / "result.json", result)
+    logger.info(
+        "%s E-ACF (%s): NLL %.3f (with constant %.3f), ESS %.1f %% (joint %.1f %%), %.0f joint samples/s, "
+        "%.1fx the CNF",
+        system, objective, result["nll"], result["nll_with_prior_constant"], 100 * result["ess"],
+        100 * result["ess_joint"], speed["eacf_joint_samples_per_s"], speed["ratio_joint_vs_cnf"],
+    )  # fmt: skip
+    return result
+
+
+def format_eacf(result: dict[str, Any]) -> str:
+    """A readable table of one :func:`bench_eacf` result."""
+    s, t, v = result["settings"], result["training"], result["speed"]
+    flow = s["flow"]
+    lines = [
+        f"{result['system'].upper()} E-ACF ({flow['projection']}, {flow['n_blocks']} blocks, width {flow['hidden']}, "
+        f"{flow['n_layers']} EGNN layers, {flow['n_aug']} augmented), {result['n_parameters']} parameters, "
+        f"objective {result['objective']}",
+        f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (batch {s['batch_size']}, lr {s['lr']:g}; "
+        f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped)",
+        f"NLL (M={v['n_marginal']}), prior constant excluded: {result['nll']:.3f} +- {result['nll_stderr']:.3f}",
+        f"NLL with prior constant (+{result['prior_constant']:.3f}): {result['nll_with_prior_constant']:.3f}; "
+        f"joint bound {result['joint_nll_with_prior_constant']:.3f}",
+        f"reverse ESS: {100 * result['ess']:.1f} % (marginal estimate), {100 * result['ess_joint']:.1f} % (joint); "
+        f"forward ESS {100 * result['forward_ess']:.1f} %",
+        f"samples/s with log q: E-ACF joint (exact) {v['eacf_joint_samples_per_s']:.0f}, E-ACF marginal "
+        f"(M={v['n_marginal']}) {v['eacf_marginal_samples_per_s']:.0f}, CNF {v['cnf_samples_per_s']:.1f} "
+        f"-> {v['ratio_joint_vs_cnf']:.0f}x / {v['ratio_marginal_vs_cnf']:.1f}x",
+        f"float32 round trip on flow samples: max |dx| {result['round_trip_max_abs']:.1e}",
+        f"evaluation {s['n_eval_samples']} samples / {s['n_eval_test']} test configurations in "
+        f"{result['eval_seconds']:.0f} s; wall {result['wall_seconds']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``bgplugin bench eacf``; run them with :func:`bench_eacf_from_args`, print :func:`format_eacf`."""
+    parser.add_argument("--system", choices=sorted(_DEFAULTS), default="dw4")
+    parser.add_argument("--objective", choices=list(get_args(EACFObjective)), default="ml")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget (10)")
+    parser.add_argument("--max-steps", type=int, help="schedule length (default: what fits in --minutes)")
+    parser.add_argument("--projection", choices=["spherical", "cartesian", "vector"], default="spherical")
+    parser.add_argument("--blocks", type=int, help="coupling blocks (system default)")
+    parser.add_argument("--hidden", type=int, help="EGNN width (system default)")
+    parser.add_argument("--layers", type=int, help="EGNN layers per conditioner (system default)")
+    parser.add_argument("--n-aug", type=int, default=1, help="augmented variables (1)")
+    parser.add_argument("--batch-size", type=int, help="batch per step (system default)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--marginal-draws", type=int, default=20, help="M of the marginal log q estimate (20)")
+    parser.add_argument("--eval-samples", type=int, help="flow samples for the ESS (system default)")
+    parser.add_argument("--eval-test", type=int, help="test configurations for the NLL (system default)")
+    parser.add_argument("--cnf-model", help="a saved CNF to time against (default: untrained EGNN CNF)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the result as JSON to this file")
+    parser.add_argument("--out-dir", help="run folder (default runs/bench_eacf_<system>_<objective>)")
+
+
+def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Run :func:`bench_eacf` with the options of :func:`add_arguments` (the CLI prints :func:`format_eacf`)."""
+    return bench_eacf(
+        args.system,
+        args.out_dir or f"runs/bench_eacf_{args.system}_{args.objective}",
+        objective=args.objective,
+        minutes=args.minutes,
+        max_steps=args.max_steps,
+        projection=args.projection,
+        n_blocks=args.blocks,
+        hidden=args.hidden,
+        n_layers=args.layers,
+        n_aug=args.n_aug,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_marginal=args.marginal_draws,
+        n_eval_samples=args.eval_samples,
+        n_eval_test=args.eval_test,
+        cnf_model=args.cnf_model,
+        seed=args.seed,
+        n_threads=args.threads,
+    )

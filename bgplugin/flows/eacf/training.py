@@ -1,0 +1,715 @@
+r"""Training the E-ACF: joint maximum likelihood, joint reverse KL, and FAB with the :math:`\alpha = 2` divergence.
+
+All objectives work on the joint space of :math:`x` and the augmented
+variables :math:`a`, with the augmented target :math:`\pi(a \mid x)` of the
+flow (Midgley et al. 2023, Sec. 3.4):
+
+Joint maximum likelihood (:class:`JointMaximumLikelihood`)
+    :math:`-\mathbb E_{x \sim \text{data},\, a \sim \pi(a|x)} \log q(x, a)`,
+    an upper bound of the marginal NLL plus the (constant) entropy of
+    :math:`\pi(a|x)`.
+Joint reverse KL (:class:`JointReverseKL`)
+    :math:`\mathbb E_{(x,a) \sim q}[\log q(x, a) + u(x) - \log \pi(a|x)]`,
+    from the energy alone (reparameterised samples).
+FAB, :math:`\alpha = 2` (:class:`FABAlpha2`)
+    Flow annealed importance sampling bootstrap (Midgley et al. 2023, ICLR):
+    annealed importance sampling (AIS) with Hamiltonian Monte Carlo
+    transitions from :math:`q` towards :math:`g = \tilde p^2 / q`, the
+    distribution that minimises the variance of the importance weights
+    (:math:`\tilde p(x, a) = e^{-u(x)} \pi(a|x)`), fills a prioritised replay
+    buffer; the loss on buffer samples (drawn with probability
+    :math:`\propto w`) is :math:`-\frac1N\sum_i \frac{q_{\text{old}}(z_i)}{q_\theta(z_i)} \log q_\theta(z_i)`
+    with the ratio held constant and clipped, whose gradient estimates that of
+    :math:`D_{\alpha=2}(\tilde p \,\|\, q_\theta)`. After each use the
+    weights are corrected by :math:`q_{\text{old}}/q_\theta`.
+
+Each objective adds ``aux_weight`` times the collinearity loss of the frames
+(:func:`~bgplugin.flows.eacf.projections.collinearity_loss`). They follow the
+:class:`bgplugin.training.Objective` protocol, so :class:`bgplugin.training.Trainer`
+can run them; :func:`train_eacf` runs them with :class:`GuardedOptimizer`, the
+gradient-skipping and -clipping optimiser of the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bgplugin.flows.eacf.model import EACF
+from bgplugin.training.likelihood import linlog_cutoff
+from bgplugin.training.trainer import LossOutput, TrainingData, weighted_mean
+
+__all__ = [
+    "FABAlpha2",
+    "GuardedOptimizer",
+    "JointMaximumLikelihood",
+    "JointReverseKL",
+    "ReplayBuffer",
+    "StepReport",
+    "train_eacf",
+]
+
+logger = logging.getLogger(__name__)
+
+EnergyFunction = Callable[[Tensor], Tensor]
+
+
+def _check_positive_int(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_flow(flow: Any) -> None:
+    if not isinstance(flow, EACF):
+        raise TypeError(f"flow must be an EACF (build_flow(system, kind='eacf')), got {type(flow).__name__}")
+
+
+# ------------------------------------------------------------------ optimiser
+class StepReport(NamedTuple):
+    """What :meth:`GuardedOptimizer.step` did.
+
+    Attributes
+    ----------
+    action : {"step", "clip", "skip"}
+    grad_norm : float
+        Global gradient norm before clipping (NaN/inf when not finite).
+    median : float
+        Median of the recorded norms the decision used (NaN during warm-up).
+    """
+
+    action: Literal["step", "clip", "skip"]
+    grad_norm: float
+    median: float
+
+
+class GuardedOptimizer:
+    """Wraps an optimiser: skip updates with outlying gradient norms, clip large ones (Midgley et al. 2023).
+
+    With :math:`m` the median of the last ``history`` finite gradient norms,
+    a step whose norm exceeds ``skip_factor * m`` is skipped, one above
+    ``clip_factor * m`` is clipped to that norm, and a non-finite gradient is
+    always skipped. Every finite norm (also of skipped steps) enters the
+    history, so a lasting change of scale is followed after about
+    ``history / 2`` steps. No decision is taken before ``min_history`` norms
+    are recorded.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+    history : int
+        Number of recent norms kept (100 in the paper).
+    skip_factor, clip_factor : float
+        Multiples of the median (20 and 5 in the paper).
+    min_history : int
+        Norms needed before skipping or clipping starts.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        history: int = 100,
+        skip_factor: float = 20.0,
+        clip_factor: float = 5.0,
+        min_history: int = 20,
+    ) -> None:
+        _check_positive_int("history", history)
+        _check_positive_int("min_history", min_history)
+        if min_history > history:
+            raise ValueError(f"min_history ({min_history}) must be <= history ({history})")
+        if not 1.0 <= clip_factor <= skip_factor:
+            raise ValueError(f"need 1 <= clip_factor <= skip_factor, got clip {clip_factor}, skip {skip_factor}")
+        self.optimizer = optimizer
+        self.skip_factor = float(skip_factor)
+        self.clip_factor = float(clip_factor)
+        self.min_history = int(min_history)
+        self.norms: deque[float] = deque(maxlen=history)
+        self.n_skipped = 0
+        self.n_clipped = 0
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimiser's parameter groups (for learning-rate schedules)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        """Clear the gradients (set to None)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _parameters(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def step(self) -> StepReport:
+        """Take (or skip, or clip) one step with the current gradients."""
+        parameters = self._parameters()
+        if not parameters:
+            raise RuntimeError("no parameter has a gradient; call loss.backward() before step()")
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])))
+        median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
+        if not math.isfinite(norm):
+            self.n_skipped += 1
+            self.zero_grad()
+            return StepReport("skip", norm, median)
+        self.norms.append(norm)
+        if math.isfinite(median) and norm > self.skip_factor * median:
+            self.n_skipped += 1
+            self.zero_grad()
+            logger.debug("gradient norm %.3g > %g x median %.3g: step skipped", norm, self.skip_factor, median)
+            return StepReport("skip", norm, median)
+        action: Literal["step", "clip"] = "step"
+        if math.isfinite(median) and norm > self.clip_factor * median:
+            scale = self.clip_factor * median / norm
+            for p in parameters:
+                p.grad.mul_(scale)  # type: ignore[union-attr]
+            action = "clip"
+            self.n_clipped += 1
+        self.optimizer.step()
+        return StepReport(action, norm, median)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Wrapped optimiser state plus the norm history and counters."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "norms": list(self.norms),
+            "n_skipped": self.n_skipped,
+            "n_clipped": self.n_clipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.norms.clear()
+        self.norms.extend(float(v) for v in state["norms"])
+        self.n_skipped = int(state["n_skipped"])
+        self.n_clipped = int(state["n_clipped"])
+
+
+# ----------------------------------------------------------------- objectives
+@dataclass(frozen=True)
+class AugmentedBatch:
+    """Data batch with the standard-normal noise of its augmented draws ``a = x + eta * noise``.
+
+    Attributes
+    ----------
+    x : Tensor, shape (batch, n_particles, dim)
+    weights : Tensor, shape (batch,), or None
+    noise : Tensor, shape (batch, n_aug, n_particles, dim)
+    """
+
+    x: Tensor
+    weights: Tensor | None
+    noise: Tensor
+
+
+class JointMaximumLikelihood:
+    """Joint maximum likelihood on data: ``-log q(x, a)`` with ``a ~ pi(a|x)`` drawn per batch.
+
+    Parameters
+    ----------
+    flow : EACF
+        The flow (its ``n_aug`` and ``aug_scale`` define the draws).
+    aux_weight : float
+        Weight of the collinearity loss of the frames.
+    """
+
+    requires_data = True
+
+    def __init__(self, flow: EACF, *, aux_weight: float = 1.0) -> None:
+        _check_flow(flow)
+        if not aux_weight >= 0:
+            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+        self.n_aug, self.n_particles, self.dim = flow.n_aug, flow.n_particles, flow.dim
+        self.aux_weight = float(aux_weight)
+
+    def __repr__(self) -> str:
+        return f"JointMaximumLikelihood(aux_weight={self.aux_weight})"
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> AugmentedBatch:
+        """The data minibatch and the noise of its augmented draws (from ``generator``)."""
+        if x1 is None:
+            raise ValueError("JointMaximumLikelihood needs data samples; pass training data")
+        noise = torch.randn(x1.shape[0], self.n_aug, self.n_particles, self.dim, generator=generator, dtype=x1.dtype)
+        return AugmentedBatch(x1, weights, noise)
+
+    def loss(self, model: torch.nn.Module, batch: AugmentedBatch, step: int) -> LossOutput:
+        """Weighted joint NLL (nats) plus the auxiliary loss; metrics ``joint_nll``, ``aux``."""
+        _check_flow(model)
+        flow: EACF = model  # type: ignore[assignment]
+        x = batch.x.to(flow.device, flow.dtype)
+        a = x.unsqueeze(1) + flow.aug_scale * batch.noise.to(flow.device, flow.dtype)
+        log_q, aux = flow.log_prob_joint_and_aux(x, a)
+        weights = None if batch.weights is None else batch.weights.to(flow.device, flow.dtype)
+        nll = weighted_mean(-log_q, weights)
+        aux_mean = aux.mean()
+        return LossOutput(nll + self.aux_weight * aux_mean, {"joint_nll": float(nll.detach()), "aux": float(aux_mean)})
+
+
+class JointReverseKL:
+    """Joint reverse KL from the energy alone: ``E_q[log q(x, a) + u(x) - log pi(a|x)]``.
+
+    Parameters
+    ----------
+    flow : EACF
+    energy : callable
+        ``energy(x) -> u`` (batch,) in kT, differentiable; non-finite marks a failed frame (left out).
+    n_samples : int
+        Flow samples per step.
+    aux_weight : float
+        Weight of the collinearity loss.
+    energy_cutoff : float or None
+        Linear-logarithmic regularisation of energies above this value (kT).
+    """
+
+    requires_data = False
+
+    def __init__(
+        self,
+        flow: EACF,
+        energy: EnergyFunction,
+        n_samples: int,
+        *,
+        aux_weight: float = 1.0,
+        energy_cutoff: float | None = None,
+    ) -> None:
+        _check_flow(flow)
+        if not callable(energy):
+            raise TypeError(f"energy must be callable as energy(x) -> u, got {type(energy).__name__}")
+        _check_positive_int("n_samples", n_samples)
+        self.energy = energy
+        self.n_samples = n_samples
+        self.aux_weight = float(aux_weight)
+        self.energy_cutoff = energy_cutoff
+
+    def __repr__(self) -> str:
+        return f"JointReverseKL(n_samples={self.n_samples}, cutoff={self.energy_cutoff})"
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> None:
+        """No data: samples are drawn from the flow in :meth:`loss`."""
+        if x1 is not None:
+            raise ValueError("JointReverseKL uses no training data; pass data=None")
+
+    def loss(self, model: torch.nn.Module, batch: None, step: int) -> LossOutput:
+        """Joint KL estimate (kT) plus the auxiliary loss; metrics ``kl``, ``energy``, ``failed_frames``, ``aux``."""
+        _check_flow(model)
+        flow: EACF = model  # type: ignore[assignment]
+        x, a, log_q, aux = flow.sample_joint_and_aux(self.n_samples)
+        u = self.energy(x)
+        finite = torch.isfinite(u.detach()) & torch.isfinite(log_q.detach())
+        failed = int((~finite).sum())
+        if not finite.any():
+            nan = torch.full((), math.nan, dtype=log_q.dtype, device=log_q.device)
+            metrics = {"kl": math.nan, "energy": math.nan, "failed_frames": float(failed), "aux": math.nan}
+            return LossOutput(nan, metrics)
+        u_ok = u[finite]
+        u_train = u_ok if self.energy_cutoff is None else linlog_cutoff(u_ok, self.energy_cutoff)
+        kl = (log_q[finite] + u_train - flow.log_prob_aug(a[finite], x[finite])).mean()
+        aux_mean = aux.mean()
+        metrics = {"kl": float(kl.detach()), "energy": float(u_ok.detach().mean()), "failed_frames": float(failed),
+                   "aux": float(aux_mean)}  # fmt: skip
+        return LossOutput(kl + self.aux_weight * aux_mean, metrics)
+
+
+class ReplayBuffer:
+    """Prioritised replay buffer of joint samples with log-weights and the log q they were weighted with.
+
+    Parameters
+    ----------
+    capacity : int
+        Largest number of samples kept (oldest dropped first).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        _check_positive_int("capacity", capacity)
+        self.capacity = capacity
+        self.x: Tensor | None = None
+        self.a: Tensor | None = None
+        self.log_w: Tensor | None = None
+        self.log_q: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.log_w is None else int(self.log_w.numel())
+
+    def add(self, x: Tensor, a: Tensor, log_w: Tensor, log_q: Tensor) -> None:
+        """Append samples (finite log-weights only), dropping the oldest beyond the capacity."""
+        keep = torch.isfinite(log_w) & torch.isfinite(log_q)
+        x, a, log_w, log_q = (v.detach()[keep] for v in (x, a, log_w, log_q))
+        if self.log_w is None or self.x is None or self.a is None or self.log_q is None:
+            self.x, self.a, self.log_w, self.log_q = x, a, log_w, log_q
+        else:
+            self.x = torch.cat((self.x, x))[-self.capacity :]
+            self.a = torch.cat((self.a, a))[-self.capacity :]
+            self.log_w = torch.cat((self.log_w, log_w))[-self.capacity :]
+            self.log_q = torch.cat((self.log_q, log_q))[-self.capacity :]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Indices drawn with probability proportional to the weights (without replacement when possible).
+
+        Returns
+        -------
+        index, x, a, log_q : Tensor
+            ``index`` (n,) into the buffer, the samples and their stored log q.
+        """
+        if self.log_w is None or self.x is None or self.a is None or self.log_q is None or len(self) == 0:
+            raise RuntimeError("the replay buffer is empty; add AIS samples first")
+        probabilities = torch.softmax(self.log_w.double(), 0).cpu()
+        replacement = n > int((probabilities > 0).sum())
+        index = torch.multinomial(probabilities, n, replacement=replacement, generator=generator).to(self.x.device)
+        return index, self.x[index], self.a[index], self.log_q[index]
+
+    def adjust(self, index: Tensor, log_q_new: Tensor) -> None:
+        """Re-weight used samples for the new flow: ``log w += log q_old - log q_new``; store ``log q_new``."""
+        if self.log_w is None or self.log_q is None:
+            raise RuntimeError("the replay buffer is empty")
+        log_q_new = log_q_new.detach().to(self.log_q)
+        self.log_w[index] = self.log_w[index] + self.log_q[index] - log_q_new
+        self.log_q[index] = log_q_new
+
+
+class FABAlpha2:
+    r"""FAB with the :math:`\alpha = 2` divergence, AIS with HMC and a prioritised replay buffer.
+
+    Parameters
+    ----------
+    flow : EACF
+        The flow being trained (AIS runs with its current parameters).
+    energy : callable
+        ``energy(x) -> u`` (batch,) in kT, differentiable in ``x``.
+    batch_size : int
+        Samples per AIS run and per gradient step.
+    n_intermediate : int
+        Intermediate distributions of AIS (each with one HMC transition).
+    n_leapfrog : int
+        Leapfrog steps per HMC transition.
+    step_size : float
+        Initial leapfrog step size (length units), adapted per intermediate
+        distribution towards ``target_accept`` between AIS runs.
+    target_accept : float
+        Target acceptance rate of HMC.
+    buffer_size : int
+        Replay-buffer capacity.
+    min_buffer : int
+        Samples collected by AIS before the first gradient step.
+    updates_per_ais : int
+        Gradient steps per AIS run.
+    w_adjust_clip : float
+        Upper clip of the ratio :math:`q_\text{old}/q_\theta` in the loss.
+    aux_weight : float
+        Weight of the collinearity loss.
+    """
+
+    requires_data = False
+
+    def __init__(
+        self,
+        flow: EACF,
+        energy: EnergyFunction,
+        *,
+        batch_size: int = 128,
+        n_intermediate: int = 2,
+        n_leapfrog: int = 5,
+        step_size: float = 0.1,
+        target_accept: float = 0.65,
+        buffer_size: int = 51_200,
+        min_buffer: int = 8192,
+        updates_per_ais: int = 8,
+        w_adjust_clip: float = 10.0,
+        aux_weight: float = 1.0,
+    ) -> None:
+        _check_flow(flow)
+        if not callable(energy):
+            raise TypeError(f"energy must be callable as energy(x) -> u, got {type(energy).__name__}")
+        for name, value in (("batch_size", batch_size), ("n_intermediate", n_intermediate),
+                            ("n_leapfrog", n_leapfrog), ("buffer_size", buffer_size),
+                            ("updates_per_ais", updates_per_ais)):  # fmt: skip
+            _check_positive_int(name, value)
+        _check_positive_int("min_buffer", min_buffer, 0)
+        if min_buffer > buffer_size:
+            raise ValueError(f"min_buffer ({min_buffer}) must be <= buffer_size ({buffer_size})")
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        if not 0.0 < target_accept < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+        if not w_adjust_clip > 0:
+            raise ValueError(f"w_adjust_clip must be > 0, got {w_adjust_clip}")
+        self.flow = flow
+        self.energy = energy
+        self.batch_size = batch_size
+        self.betas = torch.linspace(0.0, 1.0, n_intermediate + 2, dtype=torch.float64).tolist()
+        self.n_leapfrog = n_leapfrog
+        self.step_sizes = [float(step_size)] * n_intermediate
+        self.target_accept = float(target_accept)
+        self.buffer = ReplayBuffer(buffer_size)
+        self.min_buffer = min_buffer
+        self.updates_per_ais = updates_per_ais
+        self.w_adjust_clip = float(w_adjust_clip)
+        self.aux_weight = float(aux_weight)
+        self.last_acceptance: list[float] = [math.nan] * n_intermediate
+
+    def __repr__(self) -> str:
+        return (
+            f"FABAlpha2(batch_size={self.batch_size}, n_intermediate={len(self.step_sizes)}, "
+            f"n_leapfrog={self.n_leapfrog}, buffer={len(self.buffer)}/{self.buffer.capacity})"
+        )
+
+    # -- AIS ---------------------------------------------------------------------------------
+    def _log_densities(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """log q(x, a) and log p~(x, a) = -u(x) + log pi(a|x); differentiable in x and a."""
+        log_q = self.flow.log_prob_joint(x, a)
+        log_p = -self.energy(x) + self.flow.log_prob_aug(a, x)
+        return log_q, log_p
+
+    def _log_target_and_grad(self, x: Tensor, a: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """log f_beta = (1 - 2 beta) log q + 2 beta log p~, its gradients (x projected to mean-free), log q, log p~."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            a = a.detach().requires_grad_(True)
+            log_q, log_p = self._log_densities(x, a)
+            log_f = (1.0 - 2.0 * beta) * log_q + 2.0 * beta * log_p
+            ok = torch.isfinite(log_f)
+            grad_x, grad_a = torch.autograd.grad(torch.where(ok, log_f, 0.0).sum(), (x, a))
+        grad_x = grad_x - grad_x.mean(1, keepdim=True)
+        bad = ~(ok & torch.isfinite(grad_x).flatten(1).all(1) & torch.isfinite(grad_a).flatten(1).all(1))
+        grad_x = torch.where(bad[:, None, None], 0.0, grad_x)
+        grad_a = torch.where(bad[:, None, None, None], 0.0, grad_a)
+        log_f = torch.where(bad, -math.inf, log_f.detach())
+        return log_f, grad_x, grad_a, log_q.detach(), log_p.detach()
+
+    def _hmc(self, x: Tensor, a: Tensor, beta: float, step_size: float, generator: torch.Generator | None
+             ) -> tuple[Tensor, Tensor, float]:  # fmt: skip
+        """One HMC transition leaving f_beta invariant on {x mean-free} x R^{A n d}."""
+        p_x = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        p_x = p_x - p_x.mean(1, keepdim=True)
+        p_a = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+        log_f0, g_x, g_a, _, _ = self._log_target_and_grad(x, a, beta)
+        hamiltonian0 = -log_f0 + 0.5 * (p_x.square().sum((1, 2)) + p_a.square().sum((1, 2, 3)))
+        x_new, a_new = x, a
+        q_x, q_a = p_x + 0.5 * step_size * g_x, p_a + 0.5 * step_size * g_a
+        for index in range(self.n_leapfrog):
+            x_new = x_new + step_size * q_x
+            a_new = a_new + step_size * q_a
+            log_f, g_x, g_a, _, _ = self._log_target_and_grad(x_new, a_new, beta)
+            scale = step_size if index < self.n_leapfrog - 1 else 0.5 * step_size
+            q_x, q_a = q_x + scale * g_x, q_a + scale * g_a
+        hamiltonian = -log_f + 0.5 * (q_x.square().sum((1, 2)) + q_a.square().sum((1, 2, 3)))
+        log_accept = (hamiltonian0 - hamiltonian).clamp(max=0.0)
+        log_accept = torch.where(torch.isfinite(log_accept), log_accept, -math.inf)
+        uniform = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        accept = torch.log(uniform) < log_accept
+        x = torch.where(accept[:, None, None], x_new, x)
+        a = torch.where(accept[:, None, None, None], a_new, a)
+        return x.detach(), a.detach(), float(accept.double().mean())
+
+    def ais(self, n_samples: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        r"""AIS from q towards :math:`\tilde p^2 / q` (linear :math:`\beta` spacing, one HMC transition per step).
+
+        Parameters
+        ----------
+        n_samples : int
+        generator : torch.Generator, optional
+            On the flow's device.
+
+        Returns
+        -------
+        x : Tensor, shape (n_samples, n_particles, dim)
+        a : Tensor, shape (n_samples, n_aug, n_particles, dim)
+        log_w : Tensor, shape (n_samples,)
+            AIS log-weights for the target :math:`\tilde p^2 / q` (unnormalised; -inf for failures).
+        """
+        with torch.no_grad():
+            x, a, _ = self.flow.sample_joint(n_samples, generator=generator)
+        log_w = torch.zeros(n_samples, dtype=x.dtype, device=x.device)
+        for j in range(1, len(self.betas)):
+            with torch.no_grad():
+                log_q, log_p = self._log_densities(x, a)
+            log_w = log_w + 2.0 * (self.betas[j] - self.betas[j - 1]) * (log_p - log_q)
+            if j < len(self.betas) - 1:
+                x, a, acceptance = self._hmc(x, a, self.betas[j], self.step_sizes[j - 1], generator)
+                self.last_acceptance[j - 1] = acceptance
+                # Adapt between AIS runs (the transition used in this run is already fixed).
+                self.step_sizes[j - 1] *= 1.1 if acceptance > self.target_accept else 1.0 / 1.1
+        log_w = torch.where(torch.isfinite(log_w), log_w, -math.inf)
+        return x, a, log_w
+
+    def _refill(self, generator: torch.Generator | None) -> None:
+        x, a, log_w = self.ais(self.batch_size, generator=generator)
+        with torch.no_grad():
+            log_q = self.flow.log_prob_joint(x, a)
+        self.buffer.add(x, a, log_w, log_q)
+
+    # -- objective protocol --------------------------------------------------------------------
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> None:
+        """No data: samples come from AIS in :meth:`loss`."""
+        if x1 is not None:
+            raise ValueError("FABAlpha2 uses no training data; pass data=None")
+
+    def loss(self, model: torch.nn.Module, batch: None, step: int) -> LossOutput:
+        r"""Surrogate loss :math:`-\frac1N\sum_i \min(q_\text{old}/q_\theta, c)\log q_\theta(z_i)` on buffer samples.
+
+        Metrics: ``alpha2_surrogate`` (the loss without the auxiliary term), ``aux``,
+        ``buffer_size``, ``ais_acceptance`` (mean HMC acceptance of the last AIS run),
+        ``ais_ess`` (Kish ESS / n of the last AIS weights).
+        """
+        if model is not self.flow:
+            raise ValueError("FABAlpha2.loss must be called with the flow it was built with")
+        started = time.perf_counter()
+        while len(self.buffer) < self.min_buffer:
+            self._refill(None)
+        if step % self.updates_per_ais == 0:
+            self._refill(None)
+        index, x, a, log_q_old = self.buffer.sample(self.batch_size)
+        log_q, aux = self.flow.log_prob_joint_and_aux(x, a)
+        ratio = torch.exp(log_q_old - log_q.detach()).clamp(max=self.w_adjust_clip)
+        finite = torch.isfinite(log_q.detach()) & torch.isfinite(ratio)
+        surrogate = -(ratio[finite] * log_q[finite]).mean()
+        self.buffer.adjust(index[finite], log_q.detach()[finite])
+        aux_mean = aux.mean()
+        log_w = self.buffer.log_w
+        ess = math.nan
+        if log_w is not None:
+            recent = log_w[-self.batch_size :].double()
+            ess = float(torch.exp(2 * torch.logsumexp(recent, 0) - torch.logsumexp(2 * recent, 0)) / recent.numel())
+        metrics = {
+            "alpha2_surrogate": float(surrogate.detach()),
+            "aux": float(aux_mean),
+            "buffer_size": float(len(self.buffer)),
+            "ais_acceptance": float(np.nanmean(self.last_acceptance)),
+            "ais_ess": ess,
+            "fab_seconds": time.perf_counter() - started,
+        }
+        return LossOutput(surrogate + self.aux_weight * aux_mean, metrics)
+
+
+# ------------------------------------------------------------------------ loop
+def train_eacf(
+    flow: EACF,
+    objective: JointMaximumLikelihood | JointReverseKL | FABAlpha2,
+    *,
+    data: TrainingData | Tensor | np.ndarray | None = None,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    schedule: Literal["constant", "cosine"] = "cosine",
+    warmup_steps: int = 0,
+    guard: bool = True,
+    max_minutes: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train an E-ACF with Adam and :class:`GuardedOptimizer`.
+
+    Parameters
+    ----------
+    flow : EACF
+    objective : JointMaximumLikelihood, JointReverseKL or FABAlpha2
+    data : TrainingData, Tensor or ndarray, optional
+        Training configurations (batch, n_particles, dim) for objectives that need data.
+    steps : int
+        Optimiser steps (also the length of the cosine schedule).
+    lr : float
+        Peak learning rate.
+    batch_size : int
+        Data samples per step (data objectives).
+    weight_decay : float
+        AdamW weight decay.
+    schedule : {"constant", "cosine"}
+        Learning-rate decay after the warm-up (cosine to 0).
+    warmup_steps : int
+        Linear warm-up steps.
+    guard : bool
+        Skip/clip outlying gradient norms (:class:`GuardedOptimizer`); False: plain steps.
+    max_minutes : float, optional
+        Wall-clock budget; training stops at the first step past it.
+    seed : int
+        Seed of the minibatches and augmented noise.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    list of dict
+        One row per step: ``step``, ``loss``, ``lr``, ``grad_norm``, ``action``
+        (0 step, 1 clip, 2 skip), ``seconds`` and the objective's metrics.
+    """
+    _check_flow(flow)
+    _check_positive_int("steps", steps)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("warmup_steps", warmup_steps, 0)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if objective.requires_data and data is None:
+        raise ValueError(f"{type(objective).__name__} needs training data; pass data=...")
+    if not objective.requires_data and data is not None:
+        raise ValueError(f"{type(objective).__name__} uses no training data; pass data=None")
+    training = None if data is None else (data if isinstance(data, TrainingData) else TrainingData(data))
+    adam = torch.optim.AdamW(
+        [p for p in flow.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=True
+    )
+    optimizer = GuardedOptimizer(adam) if guard else None
+    generator = torch.Generator().manual_seed(seed)
+    codes = {"step": 0.0, "clip": 1.0, "skip": 2.0}
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=type(objective).__name__, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        if max_minutes is not None and time.perf_counter() - start > 60.0 * max_minutes:
+            logger.info("time budget of %.1f min reached at step %d", max_minutes, step)
+            break
+        factor = _lr_factor(schedule, step, steps, warmup_steps)
+        for group in adam.param_groups:
+            group["lr"] = lr * factor
+        x1 = weights = None
+        if training is not None:
+            index = torch.randint(len(training), (batch_size,), generator=generator)
+            x1 = training.positions[index]
+            weights = None if training.weights is None else training.weights[index]
+        batch = objective.make_batch(x1, weights, generator)
+        flow.train()
+        adam.zero_grad(set_to_none=True)
+        output = objective.loss(flow, batch, step)  # type: ignore[arg-type]
+        loss_value = float(output.loss.detach())
+        if math.isfinite(loss_value):
+            output.loss.backward()
+            if optimizer is not None:
+                report = optimizer.step()
+            else:
+                norm = float(torch.nn.utils.clip_grad_norm_(flow.parameters(), math.inf))
+                report = StepReport("step", norm, math.nan)
+                if math.isfinite(norm):
+                    adam.step()
+        else:
+            report = StepReport("skip", math.nan, math.nan)
+        row = {"step": float(step + 1), "loss": loss_value, "lr": lr * factor, "grad_norm": report.grad_norm,
+               "action": codes[report.action], "seconds": time.perf_counter() - start, **output.metrics}  # fmt: skip
+        history.append(row)
+        if progress and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+    bar.close()
+    flow.eval()
+    skipped = sum(1 for row in history if row["action"] == 2.0)
+    clipped = sum(1 for row in history if row["action"] == 1.0)
+    logger.info("trained %d steps in %.1f s (%d skipped, %d clipped)", len(history),
+                time.perf_counter() - start, skipped, clipped)  # fmt: skip
+    return history
+
+
+def _lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

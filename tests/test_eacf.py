@@ -1,0 +1,538 @@
+"""E-ACF: splines, projections, coupling layers, the whole flow, marginal estimate, training.
+
+Log-determinants are checked against brute-force autograd Jacobians in float64.
+The joint space is parametrised in orthonormal coordinates: the mean-free
+``x`` by the ``(n-1) d`` Helmert coordinates of :func:`bgplugin.flows.mean_free_basis`
+(``x = U u``, ``u = U^T x``) and every augmented variable by its ``n d``
+Cartesian coordinates, so the slogdet of the ``((n-1)d + And)``-square
+Jacobian is the log-determinant with respect to the measure the densities use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import load_benchmark
+
+from bgplugin.flows import build_flow, load_flow, mean_free_basis
+from bgplugin.flows.eacf import (
+    EACF,
+    centre_of_mass_shift,
+    collinearity_loss,
+    frame,
+    n_projection_parameters,
+    n_reference_vectors,
+    n_spline_parameters,
+    project_transform,
+    spline,
+)
+from bgplugin.flows.eacf.training import (
+    FABAlpha2,
+    GuardedOptimizer,
+    JointMaximumLikelihood,
+    JointReverseKL,
+    train_eacf,
+)
+from bgplugin.systems import get_system
+from bgplugin.testing import assert_equivariant, random_rotation
+
+PROJECTIONS = ("vector", "cartesian", "spherical")
+DIMS = (2, 3)
+TYPES = (0, 0, 1, 0)
+
+
+def _randomise(flow: torch.nn.Module, scale: float = 0.15, seed: int = 0) -> None:
+    """Push every parameter away from the identity initialisation (a non-trivial flow)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(scale * noise)
+
+
+def _flow(projection: str, dim: int, *, n_aug: int = 1, types: tuple[int, ...] = TYPES, **kwargs) -> EACF:
+    torch.manual_seed(0)
+    options = {"n_blocks": 2, "hidden": 16, "n_layers": 1, "n_bins": 4, "device": "cpu", **kwargs}
+    flow = EACF(list(types), dim, projection=projection, n_aug=n_aug, **options).double()
+    _randomise(flow)
+    return flow
+
+
+def _joint_sample(flow: EACF, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x, a, _ = flow.sample_joint(n, generator=generator)
+    return x, a
+
+
+# ------------------------------------------------------------------ splines
+@pytest.mark.parametrize("kind", ["interval", "radius", "circular"])
+def test_spline_inverse_and_log_derivative(kind: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    n_bins, bound = 5, 3.0
+    params = torch.randn(200, n_spline_parameters(kind, n_bins), generator=generator, dtype=torch.float64)
+    if kind == "circular":
+        x = (torch.rand(200, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
+    elif kind == "radius":
+        x = torch.rand(200, generator=generator, dtype=torch.float64) * 1.5 * bound  # a third on the identity tail
+    else:
+        x = torch.rand(200, generator=generator, dtype=torch.float64) * bound
+    x.requires_grad_(True)
+    y, log_det = spline(x, params, kind, bound)  # type: ignore[arg-type]
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(log_det, torch.log(grad), atol=1e-9, rtol=1e-9)
+    x_back, log_det_inverse = spline(y.detach(), params, kind, bound, inverse=True)  # type: ignore[arg-type]
+    torch.testing.assert_close(x_back, x.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det_inverse, -log_det.detach(), atol=1e-9, rtol=0)
+    zero = torch.zeros_like(params)
+    identity, identity_log_det = spline(x.detach(), zero, kind, bound)  # type: ignore[arg-type]
+    torch.testing.assert_close(identity, x.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(identity_log_det, torch.zeros_like(x), atol=1e-12, rtol=0)
+
+
+def test_circular_spline_is_smooth_on_the_circle() -> None:
+    """Equal end derivatives: the map of the angle has the same slope at -pi and at pi, and fixes +-pi."""
+    params = torch.randn(50, n_spline_parameters("circular", 6), dtype=torch.float64)
+    ends = torch.tensor([-math.pi, math.pi], dtype=torch.float64).expand(50, 2)
+    y, log_det = spline(ends, params.unsqueeze(1).expand(50, 2, -1), "circular", math.pi)
+    torch.testing.assert_close(y, ends, atol=1e-12, rtol=0)
+    torch.testing.assert_close(log_det[:, 0], log_det[:, 1], atol=1e-10, rtol=0)
+
+
+def test_radius_spline_fixes_zero_and_is_identity_beyond_bound() -> None:
+    params = torch.randn(10, n_spline_parameters("radius", 4), dtype=torch.float64)
+    r = torch.tensor([0.0, 3.0, 5.0], dtype=torch.float64).expand(10, 3)
+    y, log_det = spline(r, params.unsqueeze(1).expand(10, 3, -1), "radius", 2.0)
+    torch.testing.assert_close(y[:, 0], torch.zeros(10, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y[:, 1:], r[:, 1:], atol=0, rtol=0)
+    assert torch.all(log_det[:, 1:] == 0)
+
+
+# -------------------------------------------------------------- projections
+@pytest.mark.parametrize("dim", DIMS)
+def test_frame_is_a_rotation(dim: int) -> None:
+    vectors = torch.randn(100, dim - 1, dim, dtype=torch.float64)
+    q = frame(vectors)
+    eye = torch.eye(dim, dtype=torch.float64).expand(100, dim, dim)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(q), torch.ones(100, dtype=torch.float64), atol=1e-12, rtol=0)
+    # the first axis is the first reference vector
+    unit = vectors[:, 0] / vectors[:, 0].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(q[..., 0], unit, atol=1e-12, rtol=0)
+
+
+def test_collinearity_loss_grows_as_reference_vectors_align() -> None:
+    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    angles = torch.tensor([math.pi / 2, 0.3, 0.03, 0.003], dtype=torch.float64)
+    v2 = torch.stack((torch.cos(angles), torch.sin(angles), torch.zeros_like(angles)), -1)
+    loss = collinearity_loss(torch.stack((e1.expand(4, 3), 2.0 * v2), dim=-2))
+    assert loss[0].abs() < 1e-12
+    assert torch.all(loss[1:] > loss[:-1])
+    assert collinearity_loss(torch.randn(5, 1, 2, dtype=torch.float64)).abs().max() == 0  # 2-d: one vector
+
+
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_projection_log_det_matches_autograd_jacobian(kind: str, dim: int) -> None:
+    generator = torch.Generator().manual_seed(3)
+    n = 12
+    n_params = n_projection_parameters(kind, dim, 4)  # type: ignore[arg-type]
+    params = 0.8 * torch.randn(n, n_params, generator=generator, dtype=torch.float64)
+    origin = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    vectors = torch.randn(n, n_reference_vectors(kind, dim), dim, generator=generator, dtype=torch.float64)  # type: ignore[arg-type]
+    y = origin + 0.7 * torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    for i in range(n):
+
+        def single(point: torch.Tensor, i: int = i) -> torch.Tensor:
+            out, _ = project_transform(kind, point[None], origin[i : i + 1], vectors[i : i + 1], params[i : i + 1],  # type: ignore[arg-type]
+                                       radius_max=2.0)  # fmt: skip
+            return out[0]
+
+        jacobian = torch.autograd.functional.jacobian(single, y[i])
+        _, log_det = project_transform(kind, y[i : i + 1], origin[i : i + 1], vectors[i : i + 1],  # type: ignore[arg-type]
+                                       params[i : i + 1], radius_max=2.0)  # fmt: skip
+        torch.testing.assert_close(log_det[0], torch.linalg.slogdet(jacobian)[1], atol=1e-9, rtol=1e-9)
+    y_new, log_det = project_transform(kind, y, origin, vectors, params, radius_max=2.0)  # type: ignore[arg-type]
+    y_back, log_det_back = project_transform(kind, y_new, origin, vectors, params, radius_max=2.0, inverse=True)  # type: ignore[arg-type]
+    torch.testing.assert_close(y_back, y, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det_back, -log_det, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n_aug", [1, 2])
+def test_centre_of_mass_shift_has_unit_jacobian_and_inverts(n_aug: int) -> None:
+    """Shift onto a: {x mean-free} -> {a_1 mean-free}; orthonormal coordinates on both subspaces."""
+    n, dim = 4, 3
+    basis = mean_free_basis(n, dim).reshape(n * dim, -1)
+    k = basis.shape[1]
+
+    def shift(z: torch.Tensor) -> torch.Tensor:
+        x = (basis @ z[:k]).reshape(1, n, dim)
+        a = z[k:].reshape(1, n, n_aug, dim)
+        x_new, a_new = centre_of_mass_shift(x, a, "a")
+        a1 = a_new[0, :, 0].reshape(-1)
+        return torch.cat((x_new.reshape(-1), basis.T @ a1, a_new[0, :, 1:].reshape(-1)))
+
+    z = torch.randn(k + n * n_aug * dim, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(shift, z)
+    assert jacobian.shape[0] == jacobian.shape[1]
+    log_det = torch.linalg.slogdet(jacobian)[1]
+    torch.testing.assert_close(log_det, torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)
+    x = (basis @ z[:k]).reshape(1, n, dim)
+    a = z[k:].reshape(1, n, n_aug, dim)
+    x_back, a_back = centre_of_mass_shift(*centre_of_mass_shift(x, a, "a"), "x")
+    torch.testing.assert_close(x_back, x, atol=1e-14, rtol=0)
+    torch.testing.assert_close(a_back, a, atol=1e-14, rtol=0)
+
+
+# ------------------------------------------------------------ coupling layer
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_coupling_layer_log_det_matches_autograd_jacobian(kind: str, dim: int) -> None:
+    flow = _flow(kind, dim, n_aug=2, n_transforms=2)
+    layer = flow.blocks[0].a_update  # transforms both augmented variables given x
+    n = flow.n_particles
+    generator = torch.Generator().manual_seed(2)
+    condition = torch.randn(1, n, 1, dim, generator=generator, dtype=torch.float64)
+    target = condition + 0.3 * torch.randn(1, n, 2, dim, generator=generator, dtype=torch.float64)
+
+    def apply(flat: torch.Tensor) -> torch.Tensor:
+        return layer(flat.reshape(target.shape), condition, inverse=False)[0].reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian(apply, target.reshape(-1))
+    new, log_det, _ = layer(target, condition, inverse=False)
+    torch.testing.assert_close(log_det[0], torch.linalg.slogdet(jacobian)[1], atol=1e-9, rtol=1e-9)
+    back, log_det_back, _ = layer(new, condition, inverse=True)
+    torch.testing.assert_close(back, target, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det_back, -log_det, atol=1e-10, rtol=0)
+
+
+# -------------------------------------------------------------- whole flow
+def _subspace_jacobian(flow: EACF, x: torch.Tensor, a: torch.Tensor, inverse: bool) -> torch.Tensor:
+    n, dim, n_aug = flow.n_particles, flow.dim, flow.n_aug
+    basis = mean_free_basis(n, dim).reshape(n * dim, -1)
+    k = basis.shape[1]
+
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        xs = (basis @ z[:k]).reshape(1, n, dim)
+        as_ = z[k:].reshape(1, n_aug, n, dim)
+        x_out, a_out, _ = flow.inverse(xs, as_) if inverse else flow.forward(xs, as_)
+        return torch.cat((basis.T @ x_out.reshape(-1), a_out.reshape(-1)))
+
+    z = torch.cat((basis.T @ x.reshape(-1), a.reshape(-1)))
+    return torch.autograd.functional.jacobian(apply, z)
+
+
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_flow_log_det_matches_subspace_jacobian(kind: str, dim: int) -> None:
+    flow = _flow(kind, dim, n_aug=1 if dim == 3 else 2)
+    x, a = _joint_sample(flow, 2)
+    for i in range(2):
+        for inverse in (False, True):
+            jacobian = _subspace_jacobian(flow, x[i : i + 1], a[i : i + 1], inverse)
+            assert jacobian.shape == 2 * ((flow.n_particles - 1) * dim + flow.n_aug * flow.n_particles * dim,)
+            runner = flow.inverse if inverse else flow.forward
+            _, _, log_det = runner(x[i : i + 1], a[i : i + 1])
+            torch.testing.assert_close(log_det[0], torch.linalg.slogdet(jacobian)[1], atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize(("kind", "dim"), [("vector", 2), ("vector", 3), ("cartesian", 2), ("spherical", 2)])
+def test_round_trip_float32(kind: str, dim: int) -> None:
+    """float32 to 1e-5 where no 3-d frame is involved (3-d frames: see docs/eacf.md, conditioning)."""
+    flow = _flow(kind, dim).float()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        x0, a0 = flow.base_sample(64, generator=generator)
+        x, a, log_det = flow.forward(x0, a0)
+        x0_back, a0_back, log_det_back = flow.inverse(x, a)
+    torch.testing.assert_close(x0_back, x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a0_back, a0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_det_back, -log_det, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.mean(1), torch.zeros(64, dim), atol=1e-6, rtol=0)
+
+
+def test_new_flow_is_the_base_distribution() -> None:
+    """Zero-initialised parameter heads: identity map, log q equals the base density."""
+    flow = EACF(list(TYPES), 3, n_blocks=2, hidden=8, n_layers=1, device="cpu").double()
+    x0, a0 = flow.base_sample(8)
+    x, a, log_det = flow.forward(x0, a0)
+    torch.testing.assert_close(x, x0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a, a0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(log_det, torch.zeros(8, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+# --------------------------------------------------------------- symmetry
+def _equivariant_draws(x: torch.Tensor, n_aug: int, n_draws: int, scale: float) -> torch.Tensor:
+    """Deterministic augmented 'draws' that move with x: a_k = x + scale * sum_j (x_i - x_j) c_k(|x_ij|)."""
+    r = x.unsqueeze(2) - x.unsqueeze(1)
+    d = r.norm(dim=-1, keepdim=True)
+    draws = []
+    for m in range(n_draws):
+        channels = [x + scale * (r * torch.cos((1 + m + 2 * k) * d)).mean(2) for k in range(n_aug)]
+        draws.append(torch.stack(channels, 1))
+    return torch.stack(draws)
+
+
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_flow_symmetries(kind: str, dim: int) -> None:
+    """Rotations, translations, permutations of equal types; reflections only for Vector-proj."""
+    flow = _flow(kind, dim, n_aug=2)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, flow.n_particles, dim, generator=generator, dtype=torch.float64)
+
+    def forward_map(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = _equivariant_draws(xs, 2, 1, 0.5)[0]
+        x_new, a_new, log_det = flow.forward(xs, a)
+        return x_new, a_new[:, 1] - x_new, log_det  # a relative to x: a vector output
+
+    def densities(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = _equivariant_draws(xs, 2, 3, 0.3)
+        return flow.log_prob_joint(xs, draws[0]), flow.marginal_log_prob(xs, draws)
+
+    with torch.no_grad():
+        kinds = ("vector", "vector", "invariant")
+        scalars = ("invariant", "invariant")
+        assert_equivariant(forward_map, x, TYPES, reflections=False, outputs=kinds, generator=generator)
+        assert_equivariant(densities, x, TYPES, reflections=False, outputs=scalars, generator=generator)
+        if kind == "vector":
+            assert_equivariant(forward_map, x, TYPES, reflections=True, outputs=kinds, generator=generator)
+            assert_equivariant(densities, x, TYPES, reflections=True, outputs=scalars, generator=generator)
+        else:
+            with pytest.raises(AssertionError, match="reflection"):
+                assert_equivariant(forward_map, x, TYPES, reflections=True, outputs=kinds, generator=generator)
+
+
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_joint_density_symmetries_with_independent_augmented_variables(kind: str) -> None:
+    """log q(x, a) for a not tied to x: invariant under a common rotation, translation and permutation."""
+    flow = _flow(kind, 3, n_aug=2)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, 3, generator=generator, dtype=torch.float64)
+    a = x.unsqueeze(1) + torch.randn(5, 2, 4, 3, generator=generator, dtype=torch.float64)
+    rotation = random_rotation(3, generator=generator)
+    shift = torch.randn(3, generator=generator, dtype=torch.float64)
+    perm = torch.tensor([3, 1, 2, 0])  # types (0, 0, 1, 0): swaps two type-0 atoms
+    with torch.no_grad():
+        reference = flow.log_prob_joint(x, a)
+        moved = flow.log_prob_joint((x @ rotation.T + shift)[:, perm], (a @ rotation.T + shift)[:, :, perm])
+        wrong = flow.log_prob_joint(x[:, [2, 1, 0, 3]], a[:, :, [2, 1, 0, 3]])  # swaps different types
+    torch.testing.assert_close(moved, reference, atol=1e-9, rtol=1e-9)
+    assert (wrong - reference).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------- normalisation
+@pytest.mark.parametrize(
+    ("kind", "dim", "n_particles", "randomise"),
+    [("vector", 3, 2, 0.1), ("spherical", 3, 3, 0.1), ("spherical", 2, 2, 0.1), ("cartesian", 2, 2, 0.05)],
+)
+def test_joint_density_is_normalised(kind: str, dim: int, n_particles: int, randomise: float) -> None:
+    """Importance sampling of int q(x, a) = 1 from a Gaussian 1.2x wider than the flow's samples, 5 sigma.
+
+    Cartesian-proj gives a heavy-tailed a | x (shifts in rotating frames), so its
+    flow is perturbed less to keep the estimate's variance testable.
+    """
+    torch.manual_seed(0)
+    flow = EACF([0] * n_particles, dim, projection=kind, n_blocks=2, hidden=16, n_layers=1, n_bins=4,  # type: ignore[arg-type]
+                device="cpu").double()  # fmt: skip
+    _randomise(flow, randomise)
+    generator = torch.Generator().manual_seed(7)
+    k = (n_particles - 1) * dim
+    with torch.no_grad():
+        xs, a_s, _ = flow.sample_joint(2000, generator=generator)
+    width = 1.2 * float(xs.square().sum((1, 2)).mean() / k) ** 0.5
+    eta = 1.2 * float((a_s - xs.unsqueeze(1)).square().mean()) ** 0.5
+    n = 20_000
+    x = width * flow.prior.sample(n, generator=generator)
+    a = x.unsqueeze(1) + eta * torch.randn(n, 1, n_particles, dim, generator=generator, dtype=torch.float64)
+    log_g = (
+        -0.5 * x.square().sum((1, 2)) / width**2 - 0.5 * k * math.log(2 * math.pi * width**2)
+        - 0.5 * (a - x.unsqueeze(1)).square().sum((1, 2, 3)) / eta**2
+        - 0.5 * n_particles * dim * math.log(2 * math.pi * eta**2)
+    )  # fmt: skip
+    with torch.no_grad():
+        ratio = torch.exp(flow.log_prob_joint(x, a) - log_g)
+    mean, stderr = float(ratio.mean()), float(ratio.std() / math.sqrt(n))
+    assert stderr < 0.05, f"importance sampling too noisy to test (stderr {stderr})"
+    assert abs(mean - 1.0) < 5 * stderr, f"int q = {mean:.4f} +- {stderr:.4f}"
+
+
+def test_marginal_density_is_normalised_by_quadrature() -> None:
+    """2 particles in 2-d: the marginal estimate integrates to 1 over the 2-d mean-free subspace (grid), 5 sigma."""
+    flow = _flow("spherical", 2, types=(0, 0), n_blocks=2)
+    basis = mean_free_basis(2, 2).reshape(2, 2, 2)
+    side, half = 41, 5.0
+    grid = torch.linspace(-half, half, side, dtype=torch.float64)
+    u = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    x = torch.einsum("pdk,bk->bpd", basis, u)
+    cell = (grid[1] - grid[0]) ** 2
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        estimates = torch.stack([torch.exp(flow.log_prob(x, n_marginal=8, generator=generator)) for _ in range(4)])
+    integrals = estimates.sum(1) * cell
+    mean = float(integrals.mean())
+    # per-replicate scatter of the grid sum of an unbiased estimate
+    stderr = float(integrals.std() / math.sqrt(integrals.numel()))
+    assert abs(mean - 1.0) < max(5 * stderr, 2e-3), f"int q = {mean:.4f} +- {stderr:.4f}"
+
+
+def test_marginal_estimate_converges_to_exact_density() -> None:
+    """With identity x-updates, q(x) is the base density exactly; log q_M -> it as M grows (about 1/sqrt(M))."""
+    torch.manual_seed(0)
+    flow = EACF(list(TYPES), 3, n_blocks=2, hidden=16, n_layers=1, n_bins=4, device="cpu").double()
+    _randomise(flow, 0.03)
+    with torch.no_grad():
+        for block in flow.blocks:
+            for parameter in block.x_update.parameters():
+                parameter.zero_()
+    generator = torch.Generator().manual_seed(9)
+    x = flow.prior.sample(64, generator=generator)
+    exact = flow.prior.log_prob(x)
+    with torch.no_grad():
+        estimates = [flow.log_prob(x, n_marginal=m, generator=generator) for m in (1, 16, 256)]
+    errors = [float((estimate - exact).abs().mean()) for estimate in estimates]
+    assert errors[0] > 0.2, errors  # the augmented updates are not trivial
+    assert errors[2] < errors[1] < errors[0], errors
+    assert errors[2] < 0.15 * errors[0] and errors[2] < 0.05, errors
+
+
+# --------------------------------------------------------------- interface
+def test_interface_and_save_load(tmp_path) -> None:
+    system = get_system("dw4")
+    flow = build_flow(system, kind="eacf", n_blocks=2, hidden=8, n_layers=1, device="cpu")
+    assert isinstance(flow, EACF)
+    assert (flow.n_particles, flow.dim, flow.device.type) == (4, 2, "cpu")
+    _randomise(flow, 0.1)
+    x, log_q = flow.sample(16, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (16, 4, 2) and log_q.shape == (16,)
+    torch.testing.assert_close(x.mean(1), torch.zeros(16, 2), atol=1e-5, rtol=0)
+    path = tmp_path / "eacf.pt"
+    flow.save(path)
+    loaded = load_flow(path, device="cpu")
+    assert isinstance(loaded, EACF) and loaded.config() == flow.config()
+    xa = flow.sample_joint(8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded.log_prob_joint(xa[0], xa[1]), xa[2], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        loaded.log_prob(x, generator=torch.Generator().manual_seed(3)),
+        flow.log_prob(x, generator=torch.Generator().manual_seed(3)),
+    )
+    with pytest.raises(ValueError, match="unknown E-ACF hyperparameters"):
+        build_flow(system, kind="eacf", n_block=2)
+    with pytest.raises(ValueError, match="shape"):
+        flow.log_prob(torch.zeros(3, 5, 2))
+    with pytest.raises(ValueError, match="projection"):
+        EACF([0, 0], 2, projection="polar", device="cpu")  # type: ignore[arg-type]
+
+
+def test_gradients_reach_every_parameter() -> None:
+    flow = _flow("spherical", 3, n_aug=2)
+    x, a = _joint_sample(flow, 8)
+    log_q, aux = flow.log_prob_joint_and_aux(x, a)
+    (aux.mean() - log_q.mean()).backward()
+    missing = [name for name, p in flow.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, missing
+
+
+# ---------------------------------------------------------------- training
+def test_guarded_optimizer_skips_and_clips() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = GuardedOptimizer(torch.optim.SGD([parameter], lr=1.0), history=10, min_history=5)
+    for _ in range(10):
+        parameter.grad = torch.ones(1)
+        assert optimizer.step().action == "step"
+    value = parameter.detach().clone()
+    parameter.grad = torch.full((1,), 100.0)  # 100x the median: skipped
+    report = optimizer.step()
+    assert report.action == "skip" and torch.equal(parameter.detach(), value)
+    parameter.grad = torch.full((1,), 8.0)  # 8x the median: clipped to 5x
+    report = optimizer.step()
+    assert report.action == "clip"
+    torch.testing.assert_close(parameter.detach(), value - 5.0)
+    parameter.grad = torch.full((1,), float("nan"))
+    assert optimizer.step().action == "skip"
+
+
+def test_short_ml_training_on_dw4_lowers_nll() -> None:
+    system = get_system("dw4")
+    data = torch.as_tensor(load_benchmark("dw4", "train")[:2048], dtype=torch.float32)
+    test = torch.as_tensor(load_benchmark("dw4", "test")[:256], dtype=torch.float32)
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=2, hidden=16, n_layers=1, device="cpu")
+    objective = JointMaximumLikelihood(flow)
+
+    def nll() -> float:
+        with torch.no_grad():
+            return float(-flow.log_prob(test, n_marginal=8, generator=torch.Generator().manual_seed(0)).mean())
+
+    before = nll()
+    history = train_eacf(flow, objective, data=data, steps=80, lr=3e-3, batch_size=64, seed=0, progress=False)
+    after = nll()
+    assert len(history) == 80 and all(math.isfinite(row["loss"]) for row in history)
+    assert after < before - 2.0, (before, after)  # measured: 18.7 -> 14.2 nats after 100 steps
+
+
+def test_reverse_kl_and_fab_steps_are_finite() -> None:
+    system = get_system("dw4")
+    energy = system.energy()
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+    kl = JointReverseKL(flow, energy, n_samples=32)
+    history = train_eacf(flow, kl, steps=3, lr=1e-4, progress=False)
+    assert all(math.isfinite(row["loss"]) for row in history)
+    fab = FABAlpha2(flow, energy, batch_size=32, n_intermediate=2, n_leapfrog=3, buffer_size=256, min_buffer=64,
+                    updates_per_ais=2)  # fmt: skip
+    history = train_eacf(flow, fab, steps=4, lr=1e-4, progress=False)
+    assert all(math.isfinite(row["loss"]) for row in history)
+    assert len(fab.buffer) >= 64
+
+
+def test_fab_ais_targets_p_squared_over_q() -> None:
+    """On a Gaussian target with an untrained flow, AIS with HMC towards p^2/q has a higher ESS than q alone."""
+    flow = EACF([0, 0, 0], 2, n_blocks=1, hidden=8, n_layers=1, device="cpu").double()
+    target_std = 0.6
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(1, keepdim=True)
+        return 0.5 * centred.square().sum((1, 2)) / target_std**2
+
+    fab = FABAlpha2(flow, energy, batch_size=512, n_intermediate=4, n_leapfrog=5, step_size=0.1)
+    generator = torch.Generator().manual_seed(10)
+    _, _, log_w_ais = fab.ais(512, generator=generator)
+    with torch.no_grad():
+        x, a, log_q = flow.sample_joint(512, generator=generator)
+        log_w_flow = 2 * (-energy(x) + flow.log_prob_aug(a, x)) - 2 * log_q  # weights for p^2/q against q
+    ess = [float(torch.exp(2 * torch.logsumexp(w, 0) - torch.logsumexp(2 * w, 0)) / w.numel())
+           for w in (log_w_flow, log_w_ais)]  # fmt: skip
+    assert ess[1] > ess[0], ess
+
+
+
+def test_bench_eacf_runs_and_reports(tmp_path) -> None:
+    from bgplugin.benchmarks.eacf import bench_eacf, format_eacf
+
+    load_benchmark("dw4", "test")  # skips without the data
+    result = bench_eacf(
+        "dw4", tmp_path / "run", minutes=1.0, max_steps=3, n_blocks=1, hidden=8, n_marginal=2, n_eval_samples=64,
+        n_eval_test=64, n_speed_samples=64, n_cnf_speed_samples=2, progress=False,
+    )  # fmt: skip
+    assert result["training"]["steps"] == 3
+    for key in ("nll", "ess", "ess_joint", "forward_ess"):
+        assert math.isfinite(result[key]), key
+    assert result["nll_with_prior_constant"] - result["nll"] == pytest.approx(5.514, abs=1e-3)
+    assert result["speed"]["eacf_joint_samples_per_s"] > result["speed"]["eacf_marginal_samples_per_s"]
+    assert (tmp_path / "run" / "result.json").is_file() and (tmp_path / "run" / "flow.pt").is_file()
+    assert "E-ACF" in format_eacf(result)
+
+
+def test_objectives_run_in_the_package_trainer() -> None:
+    from bgplugin.training import Trainer, TrainerConfig, TrainingData
+
+    system = get_system("dw4")
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+    data = TrainingData(torch.as_tensor(load_benchmark("dw4", "train")[:256], dtype=torch.float32))
+    config = TrainerConfig(max_steps=3, batch_size=32, progress=False, out_dir=None)
+    summary = Trainer(flow, JointMaximumLikelihood(flow), config, data).fit()
+    assert summary.step == 3 and math.isfinite(summary.final_loss)
