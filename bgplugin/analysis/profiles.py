@@ -40,6 +40,7 @@ from bgplugin.simulation.profiles import (
     CVRange,
     FreeEnergyProfile,
     delta_f,
+    energy_unit_scale,
 )
 from bgplugin.systems import CollectiveVariable, backbone_dihedrals
 from bgplugin.units import kt_kj_per_mol
@@ -506,10 +507,8 @@ class FreeEnergyProfile2D:
 
     def in_units(self, units: Literal["kT", "kJ/mol", "kcal/mol"]) -> tuple[np.ndarray, np.ndarray]:
         """``(f, df)`` in ``units``."""
-        scale = {"kT": 1.0, "kJ/mol": self.kt, "kcal/mol": self.kt / 4.184}
-        if units not in scale:
-            raise ValueError(f"units must be one of {list(scale)}, got {units!r}")
-        return self.f * scale[units], self.df * scale[units]
+        scale = energy_unit_scale(self.temperature, units)
+        return self.f * scale, self.df * scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable content (``inf`` written as null)."""

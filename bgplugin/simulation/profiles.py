@@ -61,6 +61,15 @@ def in_range(values: np.ndarray, cv_range: CVRange) -> np.ndarray:
     return (values > low) | (values <= high)
 
 
+def energy_unit_scale(temperature: float, units: str) -> float:
+    """Factor that converts kT at ``temperature`` (K) into ``units`` ("kT", "kJ/mol" or "kcal/mol")."""
+    kt = kt_kj_per_mol(temperature)
+    scale = {"kT": 1.0, "kJ/mol": kt, "kcal/mol": kt / 4.184}
+    if units not in scale:
+        raise ValueError(f"units must be one of {list(scale)}, got {units!r}")
+    return scale[units]
+
+
 @dataclass(frozen=True)
 class FreeEnergyProfile:
     r"""A 1D free-energy profile on equal-width bins.
@@ -124,10 +133,8 @@ class FreeEnergyProfile:
 
     def in_units(self, units: Literal["kT", "kJ/mol", "kcal/mol"]) -> tuple[np.ndarray, np.ndarray]:
         """``(f, df)`` in ``units``."""
-        scale = {"kT": 1.0, "kJ/mol": self.kt, "kcal/mol": self.kt / 4.184}
-        if units not in scale:
-            raise ValueError(f"units must be one of {list(scale)}, got {units!r}")
-        return self.f * scale[units], self.df * scale[units]
+        scale = energy_unit_scale(self.temperature, units)
+        return self.f * scale, self.df * scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable content (``inf`` written as null)."""
