@@ -179,6 +179,7 @@ def _plots(proto: Protocol, run: RunDirectory) -> dict[str, str]:
         plot_weight_distribution,
     )
     from bgplugin.data import Dataset
+    from bgplugin.reweighting import normalized_weights
     from bgplugin.simulation import FreeEnergyProfile, plot_profile
 
     out = run.plots_dir
@@ -193,14 +194,14 @@ def _plots(proto: Protocol, run: RunDirectory) -> dict[str, str]:
         return plots
     with np.load(reweighted) as saved:
         x, u, log_w = saved["x"], saved["u"], saved["log_w"]
-    w = np.exp(log_w - np.max(log_w[np.isfinite(log_w)])) if np.isfinite(log_w).any() else np.zeros_like(log_w)
+    w = normalized_weights(log_w) if np.isfinite(log_w).any() else np.zeros_like(log_w)
     plots["weights"] = str(plot_weight_distribution(log_w, out / "weights.png"))
     energies: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     data_file = run.step_dir("reweight") / DATA_ENERGIES_FILE
     if data_file.is_file():
         with np.load(data_file) as d:
             lw = d["log_w"]
-            energies["data"] = (d["u"], np.exp(lw - lw.max()) if np.any(lw != 0) else None)
+            energies["data"] = (d["u"], normalized_weights(lw) if np.any(lw != 0) else None)
     energies["flow"] = (u, None)
     energies["flow, reweighted"] = (u, w)
     plots["energies"] = str(plot_energy_histograms(out / "energies.png", energies))

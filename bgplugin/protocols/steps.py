@@ -6,6 +6,7 @@ files, training from its checkpoint, sampling from its finished chunks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -44,12 +45,10 @@ DATA_ENERGIES_FILE = "data_energies.npz"
 
 def make_system(protocol: Protocol) -> Any:
     """The protocol's system, with the atom types the model asks for (molecules only)."""
-    options: dict[str, Any] = {}
     model = protocol.train.model if protocol.train is not None else None
     system = get_system(protocol.system)
     if model is not None and model.distinguishable != "none" and getattr(system, "topology", None) is not None:
-        options["distinguishable"] = model.distinguishable
-        system = get_system(protocol.system, **options)
+        system = system.with_distinguishable(model.distinguishable)
     return system
 
 
@@ -214,7 +213,7 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
     )  # fmt: skip
     trainer = Trainer(flow, objective, config, training_data)
     summary = trainer.fit(resume=True)
-    averaged = trainer.ema.average_parameters() if trainer.ema is not None else _nothing()
+    averaged = trainer.ema.average_parameters() if trainer.ema is not None else contextlib.nullcontext()
     with averaged:
         flow.eval()
         flow.save(folder / FLOW_FILE)
@@ -238,14 +237,6 @@ def _probe_steps(flow: Any, objective: Any, data: Any, batch_size: int, lr: floa
     steps = max(10, int(0.85 * 60.0 * minutes / per_step))
     logger.info("timing probe: %.0f ms per step -> max_steps %d for %.1f min", 1e3 * per_step, steps, minutes)
     return steps
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------- sample
@@ -348,7 +339,7 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
     energy = _target_energy(protocol, system)
     flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
 
-    def flow_log_prob(positions: np.ndarray) -> np.ndarray:  # for q(mirror image) with chirality="mirror"
+    def flow_log_prob(positions: np.ndarray) -> np.ndarray:  # q of mirror images, and of data for the forward ESS
         xs = torch.as_tensor(positions, dtype=torch.float32)
         with torch.no_grad():
             return torch.cat([flow.log_prob(c.to(flow.device)).cpu() for c in xs.split(64)]).double().numpy()
@@ -371,10 +362,9 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
         if n_fwd > 0:
             pick = np.sort(np.random.default_rng(protocol.seed).choice(len(data), n_fwd, replace=False))
             frames = data[pick]
-            xd = torch.as_tensor(frames.positions - frames.positions.mean(axis=1, keepdims=True))
-            with torch.no_grad():
-                lq_data = torch.cat([flow.log_prob(chunk.to(flow.device)).cpu() for chunk in xd.split(64)]).numpy()
-            u_data = energy.evaluate(xd.double()).u.numpy()
+            xd = frames.positions - frames.positions.mean(axis=1, keepdims=True)
+            lq_data = flow_log_prob(xd)
+            u_data = energy.evaluate(torch.as_tensor(xd, dtype=torch.float64)).u.numpy()
             data_lw = None if frames.log_weights is None else frames.log_weights
             summary["forward_ess"] = forward_ess(lq_data, u_data, data_lw)
             summary["forward_ess_frames"] = int(n_fwd)
