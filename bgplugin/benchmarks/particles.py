@@ -37,7 +37,6 @@ measured evaluation time.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -58,7 +57,14 @@ from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, DeviceSpec, FieldKind, build_flow
 from bgplugin.flows.bench import torch_threads
 from bgplugin.systems import System, get_system
-from bgplugin.training import FlowMatching, MaximumLikelihood, Trainer, TrainerConfig, TrainingData
+from bgplugin.training import (
+    FlowMatching,
+    MaximumLikelihood,
+    Trainer,
+    TrainerConfig,
+    TrainingData,
+    probe_max_steps,
+)
 
 __all__ = [
     "DATA_FILES",
@@ -254,19 +260,6 @@ def _make_objective(objective: BenchObjective, flow: CNF, system: System, sigma:
         atom_types=system.atom_types,
         allow_reflections=symmetry == "E(n)",
     )
-
-
-def _probe_steps(flow: CNF, objective: Any, data: TrainingData, settings: dict[str, Any], minutes: float) -> int:
-    """Optimiser steps that fit in ``minutes``, from a few timed steps on a throwaway copy of the flow."""
-    config = TrainerConfig(
-        max_steps=_PROBE_MAX_STEPS, max_minutes=_PROBE_SECONDS / 60.0, batch_size=settings["batch_size"],
-        lr=settings["lr"], seed=settings["seed"], progress=False, out_dir=None,
-    )  # fmt: skip
-    summary = Trainer(copy.deepcopy(flow), objective, config, data).fit()
-    per_step = summary.elapsed_seconds / max(1, summary.steps_this_session)
-    steps = max(10, int(60.0 * minutes / per_step))
-    logger.info("timing probe: %.1f ms per step -> max_steps %d for %.2f min", 1e3 * per_step, steps, minutes)
-    return steps
 
 
 def _resolve_training_settings(
@@ -648,7 +641,11 @@ def bench_particles(
             settings["ema_decay_used"] = saved["ema_decay_used"]
         else:
             if max_steps is None:
-                settings["max_steps"] = _probe_steps(flow, train_objective, data, settings, minutes)
+                settings["max_steps"] = probe_max_steps(
+                    flow, train_objective, data, minutes=minutes, batch_size=settings["batch_size"],
+                    lr=settings["lr"], seed=settings["seed"], probe_steps=_PROBE_MAX_STEPS,
+                    probe_seconds=_PROBE_SECONDS,
+                )  # fmt: skip
             settings["warmup_steps"] = min(100, settings["max_steps"] // 10)
             settings["ema_decay_used"] = _ema_decay(ema_decay, settings["max_steps"])
             write_json(out / _SETTINGS_FILE, settings)

@@ -7,7 +7,6 @@ files, training from its checkpoint, sampling from its finished chunks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -156,7 +155,14 @@ def _training_dataset(protocol: Protocol, run: RunDirectory) -> Dataset:
 def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
     """Flow matching (or likelihood) training with checkpoints; writes the EMA flow to ``train/flow.pt``."""
     from bgplugin.simulation import bias_training_set
-    from bgplugin.training import FlowMatching, MaximumLikelihood, Trainer, TrainerConfig, TrainingData
+    from bgplugin.training import (
+        FlowMatching,
+        MaximumLikelihood,
+        Trainer,
+        TrainerConfig,
+        TrainingData,
+        probe_max_steps,
+    )
 
     train = protocol.train
     if train is None:
@@ -202,8 +208,11 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
 
             max_steps = int(json.loads(settings_file.read_text())["max_steps"])
         else:
-            max_steps = _probe_steps(flow, objective, training_data, train.batch_size, train.lr, train.minutes,
-                                     protocol.seed)  # fmt: skip
+            # 15 % margin: the probe runs on a quieter machine more often than the run does.
+            max_steps = probe_max_steps(
+                flow, objective, training_data, minutes=train.minutes, batch_size=min(train.batch_size,
+                len(training_data)), lr=train.lr, seed=protocol.seed, probe_steps=8, probe_seconds=30.0, margin=0.85,
+            )  # fmt: skip
     write_json(settings_file, {"max_steps": max_steps, "n_frames": len(training_data)})
     config = TrainerConfig(
         max_steps=max_steps, max_minutes=train.minutes, batch_size=min(train.batch_size, len(training_data)),
@@ -223,20 +232,6 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
         "n_training_frames": len(training_data), "n_parameters": sum(p.numel() for p in flow.parameters()),
         "device": str(flow.device), "flow": str(folder / FLOW_FILE), "loss_plot": str(folder / "loss.png"),
     }  # fmt: skip
-
-
-def _probe_steps(flow: Any, objective: Any, data: Any, batch_size: int, lr: float, minutes: float, seed: int) -> int:
-    """Optimiser steps that fit in ``minutes``, timed on a throwaway copy (the schedule then spans the budget)."""
-    from bgplugin.training import Trainer, TrainerConfig
-
-    config = TrainerConfig(max_steps=8, max_minutes=0.5, batch_size=min(batch_size, len(data)), lr=lr, seed=seed,
-                           progress=False, out_dir=None)  # fmt: skip
-    summary = Trainer(copy.deepcopy(flow), objective, config, data).fit()
-    per_step = summary.elapsed_seconds / max(1, summary.steps_this_session)
-    # 15 % margin: the probe runs on a quiet machine more often than the run does.
-    steps = max(10, int(0.85 * 60.0 * minutes / per_step))
-    logger.info("timing probe: %.0f ms per step -> max_steps %d for %.1f min", 1e3 * per_step, steps, minutes)
-    return steps
 
 
 # ----------------------------------------------------------------------- sample

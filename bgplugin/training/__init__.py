@@ -43,6 +43,7 @@ from bgplugin.training.trainer import (
     TrainerConfig,
     TrainingData,
     TrainingSummary,
+    probe_max_steps,
     weighted_mean,
 )
 
@@ -75,5 +76,6 @@ __all__ = [
     "reverse_kl_loss",
     "sample_conditional_path",
     "squared_distance_matrix",
+    "probe_max_steps",
     "weighted_mean",
 ]

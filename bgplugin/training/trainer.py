@@ -20,6 +20,7 @@ Files written to ``out_dir`` (all replaced atomically):
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import logging
@@ -804,3 +805,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def probe_max_steps(
+    model: nn.Module,
+    objective: Objective,
+    data: TrainingData | None,
+    *,
+    minutes: float,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    probe_steps: int = 30,
+    probe_seconds: float = 3.0,
+    margin: float = 1.0,
+) -> int:
+    """Optimiser steps that fit in ``minutes``, timed with a few steps on a throwaway copy of ``model``.
+
+    The learning-rate schedule of a time-limited run spans ``max_steps``; this
+    estimate makes it span the budget. ``margin`` (< 1) leaves room for a
+    machine that is busier during the run than during the probe.
+    """
+    config = TrainerConfig(
+        max_steps=probe_steps, max_minutes=probe_seconds / 60.0, batch_size=batch_size, lr=lr, seed=seed,
+        progress=False, out_dir=None,
+    )  # fmt: skip
+    summary = Trainer(copy.deepcopy(model), objective, config, data).fit()
+    per_step = summary.elapsed_seconds / max(1, summary.steps_this_session)
+    steps = max(10, int(margin * 60.0 * minutes / per_step))
+    logger.info("timing probe: %.1f ms per step -> max_steps %d for %.2f min", 1e3 * per_step, steps, minutes)
+    return steps
