@@ -47,6 +47,7 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"simulate": [{"engine": "md", "stepsize": 2}]}, "unknown key 'simulate[0].stepsize'"),
         ({"sample": {"n_samples": 2.5}}, "sample.n_samples must be an integer, got 2.5"),
         ({"system": "ala3"}, "system must be one of"),
+        ({"seed": 0}, "seed must be an integer in 1.."),
         ({"reweight": {"clip_quantile": 2.0}}, "reweight.clip_quantile must be in (0.5, 1)"),
         ({"profile": {"state_a": [0.0]}}, "profile.state_a must be a list of 2 values"),
         ({"train": {"model": {"kind": "eacf"}}}, "train.model.kind 'eacf' is not wired into protocols yet"),
@@ -136,3 +137,16 @@ def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
 
     again = run_protocol(tiny_quickstart(), out, device="cpu", progress=False)  # everything finished: nothing reruns
     assert again["wall_seconds"] == results["wall_seconds"]
+
+
+def test_mcmc_step_runs_flow_moves_with_langevin(tmp_path: Path) -> None:
+    data = tiny_quickstart()
+    for section in ("sample", "reweight", "profile", "report"):
+        del data[section]
+    data["mcmc"] = {"n_iterations": 3, "langevin_steps": 10, "n_proposals": 2, "platform": "Reference"}
+    results = run_protocol(data, tmp_path / "run", device="cpu", progress=False)
+    summary = results["steps"]["mcmc"]
+    assert summary["n_iterations"] == 3
+    assert summary["n_proposed"] == 6
+    assert 0 <= summary["n_accepted"] <= summary["n_proposed"]
+    assert json.loads((tmp_path / "run" / "mcmc" / "mcmc.json").read_text())["n_proposed"] == 6

@@ -432,8 +432,11 @@ def _check_values(p: Protocol) -> None:
 
     if p.system not in list_systems():
         raise ProtocolError(f"system must be one of {list_systems()}, got {p.system!r}")
-    if isinstance(p.seed, bool) or p.seed < 0:
-        raise ProtocolError(f"seed must be an integer >= 0, got {p.seed!r}")
+    if isinstance(p.seed, bool) or not 1 <= p.seed < 2**31 - 1000:
+        raise ProtocolError(
+            f"seed must be an integer in 1..{2**31 - 1001}, got {p.seed!r} (OpenMM reads 0 as 'random'; stages use "
+            "seed, seed + 1, ...)"
+        )
     checks: list[tuple[str, Any, str]] = []
     for i, stage in enumerate(p.simulate):
         where = f"simulate[{i}]"
