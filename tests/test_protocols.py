@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bgplugin.protocols import (
     Protocol,
@@ -50,7 +51,19 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"seed": 0}, "seed must be an integer in 1.."),
         ({"reweight": {"clip_quantile": 2.0}}, "reweight.clip_quantile must be in (0.5, 1)"),
         ({"profile": {"state_a": [0.0]}}, "profile.state_a must be a list of 2 values"),
-        ({"train": {"model": {"kind": "eacf"}}}, "train.model.kind 'eacf' is not wired into protocols yet"),
+        ({"train": {"model": {"kind": "eacf"}}}, "train.objective 'eqot' is flow matching, which trains CNFs"),
+        (
+            {"train": {"model": {"kind": "eacf"}, "objective": "nll"}},
+            "reweight.chirality 'mirror' with the SE(3) projection 'spherical'",
+        ),
+        (
+            {
+                "train": {"model": {"kind": "eacf", "n_blocks": 0}, "objective": "nll"},
+                "reweight": {"chirality": "filter"},
+            },
+            "train.model.n_blocks must be an integer >= 1, got 0",
+        ),
+        ({"sample": {"density": "exact"}}, "sample.density must be one of"),
     ],
 )
 def test_bad_values_name_the_key(change: dict, message: str) -> None:
@@ -137,6 +150,34 @@ def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
 
     again = run_protocol(tiny_quickstart(), out, device="cpu", progress=False)  # everything finished: nothing reruns
     assert again["wall_seconds"] == results["wall_seconds"]
+
+
+def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: Path) -> None:
+    data = tiny_quickstart()
+    data["train"].update(objective="nll", ema_decay=None)
+    data["train"]["model"] = {"kind": "eacf", "hidden": 8, "n_layers": 1, "n_blocks": 1, "projection": "spherical",
+                              "prior_std": 0.16, "aug_scale": 0.05, "n_bins": 4, "n_marginal": 4,
+                              "distinguishable": "all"}  # fmt: skip
+    data["reweight"].update(chirality="filter")
+    out = tmp_path / "run"
+    results = run_protocol(data, out, device="cpu", progress=False)
+    assert list(results["steps"]) == ["simulate", "train", "sample", "reweight", "profile", "report"]
+    from bgplugin.flows import load_flow
+    from bgplugin.flows.eacf import EACF
+
+    flow = load_flow(out / "train" / "flow.pt", device="cpu")
+    assert isinstance(flow, EACF) and flow.n_blocks == 1 and flow.aug_scale == 0.05
+    assert results["steps"]["sample"]["log_q"].startswith("joint")
+    with np.load(out / "sample" / "samples.npz") as saved:
+        x, log_q = saved["x"], saved["log_q"]
+    # the stored values are the joint log-ratios of the first chunk's seeded draw
+    generator = torch.Generator().manual_seed(data["seed"] * 1_000_003)
+    with torch.no_grad():
+        x0, a0, lq0 = flow.sample_joint(8, generator=generator)
+        expected = (lq0 - flow.log_prob_aug(a0, x0)).double().numpy()
+    np.testing.assert_allclose(x[:8], x0.numpy(), atol=1e-6)
+    np.testing.assert_allclose(log_q[:8], expected, rtol=1e-6, atol=1e-5)
+    assert 0.0 <= results["ess"] <= 1.0 and results["n_samples"] == 24
 
 
 def test_mcmc_step_runs_flow_moves_with_langevin(tmp_path: Path) -> None:

@@ -140,7 +140,14 @@ _STAGES: dict[str, type] = {
 # -------------------------------------------------------------------- train
 @dataclass(frozen=True)
 class ModelConfig:
-    """The flow: :func:`bgplugin.flows.build_flow` arguments."""
+    """The flow: :func:`bgplugin.flows.build_flow` arguments.
+
+    ``kind: cnf`` uses ``field``, ``symmetry``, ``length_scale`` and
+    ``solver_steps``; ``kind: eacf`` (an augmented coupling flow,
+    docs/eacf.md) uses ``projection``, ``n_blocks``, ``n_aug``,
+    ``aug_scale``, ``n_bins`` and ``n_marginal``. ``hidden``, ``n_layers``,
+    ``prior_std`` and ``distinguishable`` serve both.
+    """
 
     kind: Literal["cnf", "eacf"] = "cnf"
     field: Literal["egnn", "kernel"] = "egnn"
@@ -151,6 +158,12 @@ class ModelConfig:
     length_scale: float = 1.0
     solver_steps: int = 20
     distinguishable: Literal["all", "backbone", "none"] = "all"
+    projection: Literal["spherical", "cartesian", "vector"] = "spherical"
+    n_blocks: int = 4
+    n_aug: int = 1
+    aug_scale: float = 0.1
+    n_bins: int = 8
+    n_marginal: int = 20
 
 
 @dataclass(frozen=True)
@@ -187,11 +200,16 @@ class SampleConfig:
     """Flow samples with exact log-densities, written in resumable chunks.
 
     ``n_workers``: processes that draw chunks in parallel on a CPU (a GPU uses one).
+    ``density`` (E-ACF only; a CNF's density is always exact): ``"joint"``
+    stores :math:`\\log q(x, a) - \\log \\pi(a|x)` from one pass, whose weights are
+    the exact joint importance weights; ``"marginal"`` stores the M-draw
+    estimate of :math:`\\log q(x)` (``model.n_marginal`` draws, M + 1 passes).
     """
 
     n_samples: int = 10_000
     chunk_size: int = 256
     n_workers: int = 2
+    density: Literal["joint", "marginal"] = "joint"
 
 
 @dataclass(frozen=True)
@@ -467,10 +485,25 @@ def _check_values(p: Protocol) -> None:
         if t.ema_decay is not None and not 0 < t.ema_decay < 1:
             raise ProtocolError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
         if t.model.kind == "eacf":
-            raise ProtocolError(
-                "train.model.kind 'eacf' is not wired into protocols yet; use 'cnf', or build and train an E-ACF "
-                "from Python (bgplugin.flows.build_flow(system, kind='eacf'), bgplugin.flows.eacf.training)"
-            )
+            if t.objective != "nll":
+                raise ProtocolError(
+                    f"train.objective {t.objective!r} is flow matching, which trains CNFs; an E-ACF "
+                    "(train.model.kind 'eacf') trains by maximum likelihood: set train.objective to 'nll'"
+                )
+            checks += [("train.model.n_blocks", t.model.n_blocks, "int>=1"),
+                       ("train.model.n_aug", t.model.n_aug, "int>=1"),
+                       ("train.model.aug_scale", t.model.aug_scale, ">0"),
+                       ("train.model.n_bins", t.model.n_bins, "int>=1"),
+                       ("train.model.n_marginal", t.model.n_marginal, "int>=1")]  # fmt: skip
+            reflection_free = t.model.projection != "vector"
+            if (p.reweight is not None and p.reweight.chirality == "mirror" and reflection_free
+                    and (p.sample is None or p.sample.density == "joint")):  # fmt: skip
+                raise ProtocolError(
+                    f"reweight.chirality 'mirror' with the SE(3) projection {t.model.projection!r} needs the "
+                    "marginal density of mirror images, which joint weights (sample.density 'joint') cannot be "
+                    "combined with: use reweight.chirality 'filter', sample.density 'marginal', or "
+                    "train.model.projection 'vector' (reflection-symmetric)"
+                )
         if not p.simulate and t.dataset is None:
             raise ProtocolError("train needs data: add a simulate section or set train.dataset to a Dataset file")
     if p.sample is not None:

@@ -218,14 +218,18 @@ def _plots(proto: Protocol, run: RunDirectory) -> dict[str, str]:
     if {"phi", "psi"} <= set(getattr(system, "cvs", {})):
         phi, psi = system.cvs["phi"], system.cvs["psi"]
         panels = []
-        data = Dataset.load(run.step_dir("simulate") / "data.h5") if (run.step_dir("simulate") / "data.h5").is_file() \
+        data = (
+            Dataset.load(run.step_dir("simulate") / "data.h5")
+            if (run.step_dir("simulate") / "data.h5").is_file()
             else None
+        )
         if data is not None:
             pick = np.random.default_rng(0).choice(len(data), min(len(data), 20_000), replace=False)
             sub = data[np.sort(pick)]
             # The frames as simulated (umbrella or biased sets are not Boltzmann-distributed).
-            panels.append(("training data (as sampled)", np.asarray(phi(sub.positions)),
-                           np.asarray(psi(sub.positions)), None))
+            panels.append(
+                ("training data (as sampled)", np.asarray(phi(sub.positions)), np.asarray(psi(sub.positions)), None)
+            )
         panels.append(("flow", np.asarray(phi(x)), np.asarray(psi(x)), None))
         panels.append(("flow, reweighted", np.asarray(phi(x)), np.asarray(psi(x)), w))
         plots["ramachandran"] = str(plot_ramachandran(panels, out / "ramachandran.png"))

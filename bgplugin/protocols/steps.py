@@ -187,13 +187,24 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
     model = train.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(protocol.seed)
-        flow = build_flow(
-            system, model.field, prior_std=model.prior_std, steps=model.solver_steps, device=device,
-            **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry,
-                "length_scale": model.length_scale} if model.field == "egnn" else {}),
-        )  # fmt: skip
-    if train.objective == "nll":
-        objective: Any = MaximumLikelihood(divergence="hutchinson")
+        if model.kind == "eacf":
+            flow = build_flow(
+                system, kind="eacf", prior_std=model.prior_std, device=device, hidden=model.hidden,
+                n_layers=model.n_layers, projection=model.projection, n_blocks=model.n_blocks, n_aug=model.n_aug,
+                aug_scale=model.aug_scale, n_bins=model.n_bins, n_marginal=model.n_marginal,
+            )  # fmt: skip
+        else:
+            flow = build_flow(
+                system, model.field, prior_std=model.prior_std, steps=model.solver_steps, device=device,
+                **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry,
+                    "length_scale": model.length_scale} if model.field == "egnn" else {}),
+            )  # fmt: skip
+    if model.kind == "eacf":
+        from bgplugin.flows.eacf.training import JointMaximumLikelihood
+
+        objective: Any = JointMaximumLikelihood(flow)
+    elif train.objective == "nll":
+        objective = MaximumLikelihood(divergence="hutchinson")
     else:
         objective = FlowMatching(
             flow.prior, sigma=train.sigma, pairing={"eqot": "eqot", "ot": "ot", "cfm": "none"}[train.objective],
@@ -252,8 +263,9 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
     n_chunks = math.ceil(cfg.n_samples / cfg.chunk_size)
     todo = [k for k in range(n_chunks) if not (folder / f"chunk_{k:05d}.npz").is_file()]
     sizes = {k: min(cfg.chunk_size, cfg.n_samples - k * cfg.chunk_size) for k in todo}
-    jobs = [(str(flow_path), device, protocol.seed * 1_000_003 + k, sizes[k], str(folder / f"chunk_{k:05d}.npz"))
-            for k in todo]  # fmt: skip
+    options = {"density": cfg.density} if protocol.train is not None and protocol.train.model.kind == "eacf" else {}
+    jobs = [(str(flow_path), device, protocol.seed * 1_000_003 + k, sizes[k], str(folder / f"chunk_{k:05d}.npz"),
+             options) for k in todo]  # fmt: skip
     workers = 1 if device.startswith("cuda") else min(cfg.n_workers, max(1, len(jobs)))
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="sampling (exact log q)", disable=not progress, unit="chunk")
@@ -283,7 +295,12 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
     x_cat, lq_cat = np.concatenate(x_all), np.concatenate(lq_all)
     atomic_write(folder / SAMPLES_FILE, lambda handle: np.savez(handle, x=x_cat, log_q=lq_cat))
     rate = drawn / seconds if drawn and seconds > 0 else None
-    return {"n_samples": len(x_cat), "samples_per_second": rate, "n_workers": workers, "device": device,
+    log_q_kind = "exact" if not options else (
+        "joint: log q(x, a) - log pi(a|x), exact joint importance weights" if options["density"] == "joint"
+        else f"marginal estimate, M = {protocol.train.model.n_marginal} draws"  # type: ignore[union-attr]
+    )  # fmt: skip
+    return {"n_samples": len(x_cat), "samples_per_second": rate, "log_q": log_q_kind, "n_workers": workers,
+            "device": device,
             "samples": str(folder / SAMPLES_FILE)}  # fmt: skip
 
 
@@ -294,12 +311,15 @@ def _single_threaded(env: dict[str, str]) -> None:
     torch.set_num_threads(1)
 
 
-def _sample_chunk(flow_path: str, device: str, seed: int, n: int, out: str) -> None:
-    """Draw ``n`` samples with log q from the flow in ``flow_path`` and write them to ``out`` atomically."""
+def _sample_chunk(flow_path: str, device: str, seed: int, n: int, out: str, options: dict[str, Any]) -> None:
+    """Draw ``n`` samples with log q from the flow in ``flow_path`` and write them to ``out`` atomically.
+
+    ``options`` go to ``flow.sample`` (for an E-ACF: ``density``).
+    """
     flow = load_flow(flow_path, device=device)
     generator = torch.Generator(device=flow.device).manual_seed(seed)
     with torch.no_grad():
-        x, log_q = flow.sample(n, generator=generator)
+        x, log_q = flow.sample(n, generator=generator, **options)
     arrays = {"x": x.cpu().numpy().astype(np.float32), "log_q": log_q.cpu().numpy().astype(np.float64)}
     atomic_write(out, lambda handle: np.savez(handle, **arrays))
 

@@ -190,6 +190,7 @@ def reweight(
     clip: Mapping[str, float] | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    sample_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> ReweightingResult:
     r"""Draw ``n_samples`` from ``flow`` and weight them towards :math:`e^{-u}` of ``energy``.
@@ -217,6 +218,10 @@ def reweight(
         Passed to ``flow.sample`` (on the flow's device).
     seed : int or None
         Seeds a new generator instead (not together with ``generator``).
+    sample_kwargs : mapping or None
+        More keyword arguments of ``flow.sample``; for an E-ACF
+        ``{"density": "joint"}`` gives the exact joint importance weights in
+        one pass (see :meth:`bgplugin.flows.eacf.EACF.sample`).
     progress : bool
         Progress bars over sampling and energy batches.
 
@@ -230,7 +235,15 @@ def reweight(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
-    sample_kwargs: dict[str, Any] = {}
+    sample_kwargs = dict(sample_kwargs or {})
+    if "generator" in sample_kwargs:
+        raise ValueError("pass the generator as generator=..., not inside sample_kwargs")
+    joint_ratio = sample_kwargs.get("density") == "joint"
+    if joint_ratio and chirality == "mirror" and not proposal_is_reflection_symmetric(flow):
+        raise ValueError(
+            "chirality='mirror' needs q(Mx) of the same kind as the sampled log q, but density='joint' gives joint "
+            "log-ratios: use chirality='filter', or density='marginal'"
+        )
     if seed is not None:
         device = getattr(flow, "device", torch.device("cpu"))
         generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -272,6 +285,8 @@ def reweight(
     result.diagnostics["timing"]["sampling_seconds"] = sampling_seconds
     result.diagnostics["timing"]["total_seconds"] = time.perf_counter() - start
     result.diagnostics["proposal"] = type(flow).__name__
+    if joint_ratio:
+        result.diagnostics["log_q"] = "joint: log q(x, a) - log pi(a|x) (exact joint importance weights)"
     return result
 
 
@@ -419,13 +434,16 @@ def proposal_is_reflection_symmetric(flow: Any) -> bool | None:
     A flow may say so with a ``reflection_symmetric`` attribute. A
     :class:`~bgplugin.flows.CNF` is, when its field is an ``EGNNField`` with
     ``symmetry="E(n)"`` or a ``KernelField`` (pair distances only), since its
-    prior is an isotropic Gaussian.
+    prior is an isotropic Gaussian; an E-ACF is with ``projection="vector"``.
     """
     declared = getattr(flow, "reflection_symmetric", None)
     if isinstance(declared, bool):
         return declared
     from bgplugin.flows import CNF, EGNNField, KernelField
+    from bgplugin.flows.eacf import EACF
 
+    if isinstance(flow, EACF):  # isotropic base and augmented target: Vector-proj flows are E(3)-equivariant
+        return flow.reflection_equivariant
     if isinstance(flow, CNF):
         if isinstance(flow.field, EGNNField):
             return flow.field.symmetry == "E(n)"

@@ -90,9 +90,7 @@ class _Layer(nn.Module):
         """Returns new features (B, n, H) and the vector update (B, n, out_channels, d)."""
         batch, n, _ = h.shape
         r_hat, d2, offsets = _channel_geometry(p, self.scale)
-        pair = torch.cat(
-            (h.unsqueeze(2).expand(batch, n, n, -1), h.unsqueeze(1).expand(batch, n, n, -1), d2), dim=-1
-        )
+        pair = torch.cat((h.unsqueeze(2).expand(batch, n, n, -1), h.unsqueeze(1).expand(batch, n, n, -1), d2), dim=-1)
         m = self.edge(pair)  # (B, n, n, H)
         weight = mask[:, :, None, None]  # zero on the diagonal, 1 / (n - 1) elsewhere
         coefficients = self.mix(m).reshape(batch, n, n, self.out_channels, self.channels)

@@ -55,7 +55,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -588,9 +588,10 @@ class EACF(nn.Module):
         *,
         generator: torch.Generator | None = None,
         n_marginal: int | None = None,
+        density: Literal["marginal", "joint"] = "marginal",
         progress: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """Draw samples with their marginal log-densities.
+        """Draw samples with the log-densities that importance weights need.
 
         Parameters
         ----------
@@ -599,6 +600,14 @@ class EACF(nn.Module):
             For the base and augmented draws (on the flow's device).
         n_marginal : int, optional
             ``M`` fresh augmented draws for :math:`\\log \\hat q_M(x)`; default :attr:`n_marginal`.
+        density : {"marginal", "joint"}
+            ``"marginal"``: :math:`\\log \\hat q_M(x)` (Eq. 21, ``M + 1`` passes;
+            a random estimate, biased low by O(1/M)). ``"joint"``: one pass,
+            :math:`\\log q(x, a) - \\log \\pi(a \\mid x)` with the ``a`` the flow drew
+            with ``x``; then ``exp(-u(x) - log_q)`` are the exact joint
+            importance weights (self-normalised estimates are consistent; their
+            ESS is a lower bound of the marginal one). Not a density of ``x``:
+            use it for weights only, never compare it with :meth:`log_prob`.
         progress : bool
             Progress bar over chunks.
 
@@ -607,8 +616,13 @@ class EACF(nn.Module):
         x : Tensor, shape (n_samples, n_particles, dim)
             Mean-free samples.
         log_q : Tensor, shape (n_samples,)
-            Marginal log-density estimates (nats, mean-free subspace).
+            Marginal log-density estimates or joint log-ratios (nats, mean-free subspace).
         """
+        if density not in ("marginal", "joint"):
+            raise ValueError(f"density must be 'marginal' or 'joint', got {density!r}")
+        if density == "joint":
+            x, a, log_q_joint = self.sample_joint(n_samples, generator=generator)
+            return x, log_q_joint - self.log_prob_aug(a, x)
         n_draws = self._n_draws(n_marginal)
         x, _, _ = self.sample_joint(n_samples, generator=generator)
         return x, self.marginal_log_prob(x, self.sample_aug(x, n_draws, generator=generator), progress=progress)
@@ -716,4 +730,3 @@ def load_eacf(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> E
     flow.load_state_dict(payload["state_dict"])
     logger.info("loaded E-ACF flow from %s", source)
     return flow.to(resolve_device(device))
-

@@ -220,9 +220,7 @@ def _split_spherical(params: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor |
     return parts[0], parts[1], (parts[2] if dim == 3 else None)
 
 
-def _radial(
-    u: Tensor, params: Tensor, radius_max: float, inverse: bool
-) -> tuple[Tensor, Tensor]:
+def _radial(u: Tensor, params: Tensor, radius_max: float, inverse: bool) -> tuple[Tensor, Tensor]:
     """Vector-proj on displacements ``u`` (..., d): new displacement and log-determinant (...)."""
     dim = u.shape[-1]
     r = _norm(u).squeeze(-1)
@@ -312,4 +310,3 @@ def project_transform(
         z_new = _from_spherical(r_new, phi_new, theta_new)
     y_new = origin + (rotation @ z_new.unsqueeze(-1)).squeeze(-1)
     return y_new, log_det
-

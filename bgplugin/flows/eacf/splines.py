@@ -207,7 +207,12 @@ def spline(
         derivatives = torch.cat((_positive(raw), torch.ones_like(raw[..., :1])), dim=-1)
         inside = inputs < bound
         outputs, log_det = rational_quadratic(
-            torch.where(inside, inputs, torch.zeros_like(inputs)), widths, heights, derivatives, 0.0, bound,
+            torch.where(inside, inputs, torch.zeros_like(inputs)),
+            widths,
+            heights,
+            derivatives,
+            0.0,
+            bound,
             inverse=inverse,
         )
         return torch.where(inside, outputs, inputs), torch.where(inside, log_det, torch.zeros_like(log_det))

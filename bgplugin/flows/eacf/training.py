@@ -252,7 +252,8 @@ class JointMaximumLikelihood:
         weights = None if batch.weights is None else batch.weights.to(flow.device, flow.dtype)
         nll = weighted_mean(-log_q, weights)
         aux_mean = aux.mean()
-        return LossOutput(nll + self.aux_weight * aux_mean, {"joint_nll": float(nll.detach()), "aux": float(aux_mean)})
+        metrics = {"joint_nll": float(nll.detach()), "aux": float(aux_mean.detach())}
+        return LossOutput(nll + self.aux_weight * aux_mean, metrics)
 
 
 class JointReverseKL:
@@ -316,7 +317,7 @@ class JointReverseKL:
         kl = (log_q[finite] + u_train - flow.log_prob_aug(a[finite], x[finite])).mean()
         aux_mean = aux.mean()
         metrics = {"kl": float(kl.detach()), "energy": float(u_ok.detach().mean()), "failed_frames": float(failed),
-                   "aux": float(aux_mean)}  # fmt: skip
+                   "aux": float(aux_mean.detach())}  # fmt: skip
         return LossOutput(kl + self.aux_weight * aux_mean, metrics)
 
 
@@ -581,7 +582,7 @@ class FABAlpha2:
             ess = float(torch.exp(2 * torch.logsumexp(recent, 0) - torch.logsumexp(2 * recent, 0)) / recent.numel())
         metrics = {
             "alpha2_surrogate": float(surrogate.detach()),
-            "aux": float(aux_mean),
+            "aux": float(aux_mean.detach()),
             "buffer_size": float(len(self.buffer)),
             "ais_acceptance": float(np.nanmean(self.last_acceptance)),
             "ais_ess": ess,
