@@ -78,20 +78,59 @@ def _bench_divergence(args: argparse.Namespace) -> int:
     return 0
 
 
+_CNF_OBJECTIVES = ("eqot", "ot", "cfm", "nll")
+_EACF_OBJECTIVES = {"nll": "ml", "fab": "fab", "kl": "kl"}
+
+
 def _bench_particles(args: argparse.Namespace) -> int:
     from bgplugin.benchmarks.particles import bench_particles, format_particles
     from bgplugin.fileio import write_json
 
+    if args.model == "eacf":
+        return _bench_particles_eacf(args)
+    objective = args.objective or "eqot"
+    if objective not in _CNF_OBJECTIVES:
+        raise SystemExit(
+            f"bgplugin bench {args.benchmark}: --objective {objective} trains an E-ACF; add --model eacf, or use one "
+            f"of {list(_CNF_OBJECTIVES)} for the CNF"
+        )
     result = bench_particles(
         args.benchmark,
-        args.objective,
+        objective,
         args.minutes,
-        args.out_dir or f"runs/bench_{args.benchmark}_{args.objective}",
+        args.out_dir or f"runs/bench_{args.benchmark}_{objective}",
         seed=args.seed,
         n_eval_samples=args.eval_samples,
         device=args.device,
     )
     print(format_particles(result))
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
+
+
+def _bench_particles_eacf(args: argparse.Namespace) -> int:
+    """``bench dw4|lj13 --model eacf``: :func:`bgplugin.benchmarks.eacf.bench_eacf` with its defaults."""
+    from bgplugin.benchmarks.eacf import add_arguments, bench_eacf_from_args, format_eacf
+    from bgplugin.fileio import write_json
+
+    objective = args.objective or "nll"
+    if objective not in _EACF_OBJECTIVES:
+        raise SystemExit(
+            f"bgplugin bench {args.benchmark} --model eacf: --objective {objective} is flow matching, which trains "
+            f"CNFs; an E-ACF trains by {list(_EACF_OBJECTIVES)} (nll: maximum likelihood; fab: FAB with alpha = 2 "
+            "from the energy alone; kl: reverse KL)"
+        )
+    if args.device == "cuda":
+        raise SystemExit("bgplugin bench ... --model eacf runs on the CPU only for now; drop --device cuda")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = parser.parse_args([])
+    options.system, options.objective, options.minutes = args.benchmark, _EACF_OBJECTIVES[objective], args.minutes
+    options.out_dir = args.out_dir or f"runs/bench_eacf_{args.benchmark}_{options.objective}"
+    options.eval_samples, options.seed = args.eval_samples, args.seed
+    result = bench_eacf_from_args(options)
+    print(format_eacf(result))
     if args.out:
         print(f"wrote {write_json(args.out, result)}")
     return 0
@@ -143,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     divergence.set_defaults(func=_bench_divergence)
     for name in ("dw4", "lj13", "lj55"):
         particles = bench_sub.add_parser(name, help=f"train and evaluate a CNF on the published {name.upper()} splits")
-        particles.add_argument("--objective", choices=["eqot", "ot", "cfm", "nll"], default="eqot")
+        particles.add_argument("--model", choices=["cnf", "eacf"], default="cnf",
+                               help="cnf (EGNN CNF) or eacf (augmented coupling flow; more options: bench eacf)")
+        particles.add_argument("--objective", choices=[*_CNF_OBJECTIVES, "fab", "kl"],
+                               help="cnf: eqot (default), ot, cfm, nll; eacf: nll (default), fab, kl")
         particles.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget (10)")
         particles.add_argument("--out", help="write the results as JSON to this file")
         particles.add_argument("--out-dir", help="run folder: checkpoints, plots (default runs/bench_<system>_<obj>)")

@@ -87,3 +87,23 @@ def test_run_twice_resumes_without_redoing_steps(tmp_path, capsys) -> None:
 def test_bench_mcmc_without_a_flow_says_how_to_make_one(capsys) -> None:
     assert main(["bench", "mcmc"]) == 2
     assert "--flow" in capsys.readouterr().err
+
+
+def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tmp_path, capsys) -> None:
+    import bgplugin.benchmarks.eacf as eacf_bench
+
+    seen = {}
+
+    def fake_bench(options):  # the routing is under test here; bench_eacf itself runs in tests/test_eacf.py
+        seen.update(vars(options))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(eacf_bench, "bench_eacf_from_args", fake_bench)
+    with pytest.raises(SystemExit):
+        main(["bench", "lj13", "--model", "eacf", "--objective", "fab", "--minutes", "3", "--seed", "4"])
+    assert seen["system"] == "lj13" and seen["objective"] == "fab" and seen["minutes"] == 3.0 and seen["seed"] == 4
+    assert seen["out_dir"] == "runs/bench_eacf_lj13_fab" and seen["projection"] == "spherical"
+    with pytest.raises(SystemExit, match="flow matching, which trains CNFs"):
+        main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
+    with pytest.raises(SystemExit, match="add --model eacf"):
+        main(["bench", "dw4", "--objective", "fab"])
