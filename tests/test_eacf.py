@@ -536,3 +536,16 @@ def test_objectives_run_in_the_package_trainer() -> None:
     config = TrainerConfig(max_steps=3, batch_size=32, progress=False, out_dir=None)
     summary = Trainer(flow, JointMaximumLikelihood(flow), config, data).fit()
     assert summary.step == 3 and math.isfinite(summary.final_loss)
+
+
+def test_edge_messages_equal_the_mlp_on_the_concatenated_pair_features() -> None:
+    """The split first layer (per-node products broadcast over pairs) is the same function as edge(cat(...))."""
+    from bgplugin.flows.eacf.egnn import _Layer
+
+    torch.manual_seed(0)
+    for channels in (1, 3):
+        layer = _Layer(16, channels, channels, True, True, 0.3).double()
+        h = torch.randn(5, 7, 16, dtype=torch.float64)
+        d2 = torch.randn(5, 7, 7, channels, dtype=torch.float64)
+        pair = torch.cat((h.unsqueeze(2).expand(5, 7, 7, -1), h.unsqueeze(1).expand(5, 7, 7, -1), d2), dim=-1)
+        torch.testing.assert_close(layer._edge_messages(h, d2), layer.edge(pair), rtol=1e-12, atol=1e-12)
