@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from bgplugin.energies import ParticleEnergy
 from bgplugin.flows import build_flow
+from bgplugin.flows.eacf import EACF
 from bgplugin.mcmc import (
     FlowIndependenceMove,
     LatentMCMC,
@@ -38,6 +39,7 @@ from bgplugin.mcmc import (
     run_flow_mcmc,
     unregister_flow,
 )
+from bgplugin.mcmc.registry import flow_device, flow_dtype
 from bgplugin.systems import get_system
 from bgplugin.training import FlowMatching, Trainer, TrainerConfig, TrainingData
 
@@ -128,10 +130,34 @@ def small_cnf(n_particles: int, dim: int, prior_std: float, steps: int = 6) -> t
     return build_flow(system, "kernel", prior_std=prior_std, steps=steps, device="cpu", dtype=torch.float64)
 
 
+def perturbed_eacf(n_particles: int, dim: int, prior_std: float, aug_scale: float, std: float = 0.3) -> EACF:
+    """A one-block E-ACF (float64) with every parameter redrawn from N(0, std^2) under a fixed seed.
+
+    A fresh E-ACF is its base distribution (last layers zero-initialised); this one has a joint density
+    that differs from the base and a q(a | x) that is not pi(a | x), so the joint construction matters.
+    """
+    flow = EACF([0] * n_particles, dim, projection="vector", n_blocks=1, hidden=16, n_bins=4, prior_std=prior_std,
+                aug_scale=aug_scale, device="cpu").double()  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.copy_(std * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return flow
+
+
 @pytest.fixture(scope="module")
 def oscillators() -> tuple[testsystems.HarmonicOscillatorArray, ThermodynamicState, float]:
     """Three particles in harmonic wells 1 nm apart along x; sigma^2 = kT/K per coordinate, nm^2."""
     system = testsystems.HarmonicOscillatorArray(N=3)
+    state = ThermodynamicState(system.system, temperature=TEMPERATURE)
+    sigma2 = (state.kT / system.K).value_in_unit(unit.nanometer**2)
+    return system, state, sigma2
+
+
+@pytest.fixture(scope="module")
+def coincident_oscillators() -> tuple[testsystems.HarmonicOscillatorArray, ThermodynamicState, float]:
+    """Three particles in harmonic wells at the origin (interchangeable, as an equivariant flow models them)."""
+    system = testsystems.HarmonicOscillatorArray(N=3, d=0.0 * unit.nanometer)
     state = ThermodynamicState(system.system, temperature=TEMPERATURE)
     sigma2 = (state.kT / system.K).value_in_unit(unit.nanometer**2)
     return system, state, sigma2
@@ -163,6 +189,37 @@ def test_flow_move_samples_the_centroid_free_coordinates_of_harmonic_wells_exact
     assert move.n_proposed == 15_000 and move.n_failed == 0
     # the centroid is left where it was: only the internal coordinates move
     np.testing.assert_allclose(x.mean(0), a.mean(0) + [0.3, -0.2, 0.1], atol=1e-9)
+
+
+def test_flow_move_with_an_eacf_samples_harmonic_wells_exactly_on_the_joint_space(coincident_oscillators) -> None:
+    r"""The sibling test above with a perturbed E-ACF proposal (1.5x too wide) and wells at the origin (m = 0).
+
+    Checked by hand with the same seeds: dropping the log pi(a|x) terms gave 5.92e-4 +- 0.14e-4 against the
+    exact 3.97e-4 (z = +14); the marginal estimate log q_M(x) (flow.sample / flow.log_prob) in place of the
+    joint terms gave 3.30e-4 +- 0.08e-4 (z = -8.6) for M = 1 and 3.40e-4 +- 0.08e-4 (z = -7.0) for M = 4;
+    with M = 20, the default, it passed (a bias below what this test resolves).
+    """
+    system, state, sigma2 = coincident_oscillators
+    flow = perturbed_eacf(3, 3, prior_std=1.5 * math.sqrt(sigma2), aug_scale=math.sqrt(sigma2))
+    with torch.no_grad():
+        x, a, log_q = flow.sample_joint(500, generator=torch.Generator().manual_seed(1))
+        identity = flow.prior.log_prob(x) + flow.log_prob_aug(a, x)  # what a fresh E-ACF would give
+    assert float((log_q - identity).std()) > 0.5  # the perturbation is not negligible
+    move = FlowIndependenceMove(flow, n_proposals=20, seed=4)
+    offset = np.array([0.3, -0.2, 0.1])
+    sampler_state = SamplerState(system.positions + offset * unit.nanometer)
+    contexts = reference_cache()
+    s = np.empty(800)
+    for i in range(len(s)):
+        move.apply(state, sampler_state, context_cache=contexts)
+        x_nm = sampler_state.positions.value_in_unit(unit.nanometer)
+        s[i] = np.square(x_nm - x_nm.mean(0)).sum()
+    mean, error = mean_and_error(s)
+    exact = (3 - 1) * 3 * sigma2
+    assert abs(mean - exact) < N_SIGMA * error, f"<|y|^2> = {mean:.4g} +- {error:.2g}, exact {exact:.4g}"
+    assert 0.05 < move.acceptance_rate < 0.3
+    assert move.n_proposed == 16_000 and move.n_failed == 0
+    np.testing.assert_allclose(x_nm.mean(0), offset, atol=1e-9)
 
 
 def test_flow_move_in_absolute_frame_samples_a_single_harmonic_oscillator() -> None:
@@ -228,6 +285,8 @@ def test_flow_move_validates_its_settings() -> None:
         FlowIndependenceMove(gaussian, frame="centred")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mean-free coordinates"):
         FlowIndependenceMove(small_cnf(2, 3, 0.01), frame="absolute")
+    with pytest.raises(ValueError, match="EACF is a density on mean-free coordinates"):
+        FlowIndependenceMove(perturbed_eacf(2, 3, 0.01, 0.01), frame="absolute")
     with pytest.raises(TypeError, match="lacks"):
         FlowIndependenceMove(nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no saved flow"):
@@ -268,6 +327,39 @@ def test_move_round_trips_through_pickle_serialize_and_deepcopy_with_a_saved_flo
     assert not torch.equal(*draws)  # independent random streams
     langevin = deserialize(serialize(SeededLangevinDynamicsMove(random_seed=11, n_steps=7)))
     assert langevin.random_seed == 11 and langevin.n_steps == 7
+
+
+def test_move_with_a_saved_eacf_round_trips_and_is_reproducible(tmp_path: Path, coincident_oscillators) -> None:
+    system, state, sigma2 = coincident_oscillators
+    flow = perturbed_eacf(3, 3, prior_std=1.5 * math.sqrt(sigma2), aug_scale=math.sqrt(sigma2))
+    path = tmp_path / "eacf.pt"
+    flow.save(path)
+    move = FlowIndependenceMove(path, n_proposals=4, seed=5, device="cpu")
+    assert isinstance(move.flow, EACF) and flow_dtype(move.flow) == torch.float64
+    assert flow_device(move.flow) == torch.device("cpu")
+    move.statistics = {"n_proposed": 10, "n_accepted": 4, "n_energy_evaluations": 13}
+    for restored in (pickle.loads(pickle.dumps(move)), deserialize(serialize(move))):
+        assert isinstance(restored, FlowIndependenceMove) and isinstance(restored.flow, EACF)
+        assert restored.flow_path == str(path.resolve()) and restored.flow_key is None
+        assert restored.statistics == move.statistics and restored.n_proposals == 4
+        for p, q in zip(restored.flow.state_dict().values(), flow.state_dict().values(), strict=True):
+            assert torch.equal(p, q)
+    clone = copy.deepcopy(move)
+    assert clone.flow is move.flow and clone.statistics == move.statistics
+    draws = [m.flow.sample_joint(1, generator=m._generator)[1] for m in (move, clone)]
+    assert not torch.equal(*draws)  # independent random streams
+    # the augmented draws come from the move's own stream: equal seeds give equal chains
+    trajectories = []
+    for _ in range(2):
+        seeded = FlowIndependenceMove(path, n_proposals=4, seed=6, device="cpu")
+        sampler_state = SamplerState(np.eye(3) * math.sqrt(sigma2) * unit.nanometer)
+        contexts = reference_cache()
+        for _ in range(10):
+            torch.randn(3)  # the global torch stream must not matter
+            seeded.apply(state, sampler_state, context_cache=contexts)
+        trajectories.append(sampler_state.positions.value_in_unit(unit.nanometer))
+        assert seeded.n_accepted > 0
+    np.testing.assert_array_equal(*trajectories)
 
 
 def test_move_with_an_in_memory_flow_round_trips_through_the_registry() -> None:
@@ -341,6 +433,29 @@ def test_metropolis_sampler_reproduces_a_2d_gaussian() -> None:
         assert abs(mean - exact) < N_SIGMA * error, f"<x_{k}^2> = {mean:.3f} +- {error:.3f}, exact {exact}"
     stats = result.statistics
     assert stats["n_energy_evaluations"] == 64 * (1 + 2 * 400) and stats["n_flow_samples"] == 64 * 400
+
+
+def test_metropolis_sampler_with_an_eacf_samples_a_mean_free_gaussian() -> None:
+    """3 particles in 2D, u = sum |x_i - c|^2 / (2 * 0.8^2): <sum |x_i - c|^2> = (N - 1) * 2 * 0.64 = 2.56.
+
+    A perturbed E-ACF 1.5x too wide proposes on the joint space; random-walk steps move x in between, so the
+    augmented variables are refreshed at every independence step. Checked by hand: dropping the log pi terms
+    gave 3.25 +- 0.05 (z = +14); the marginal estimate with M = 1 gave 3.73 +- 0.04 (z = +29), with M = 4
+    3.15 +- 0.03 (z = +18) and with M = 20 2.74 +- 0.04 (z = +4.8).
+    """
+    energy = GaussianEnergy(np.full((3, 2), 0.8), mean_free=True)
+    proposal = perturbed_eacf(3, 2, prior_std=1.2, aug_scale=0.8)
+    sampler = MetropolisSampler(energy, proposal, random_walk_steps=1, step_size=0.5, seed=0)
+    x0 = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)[:, None].expand(64, 3, 2).clone()
+    result = sampler.run(x0, 300, progress=False)
+    x = result.samples
+    mean, error = result.mean_and_error((x - x.mean(2, keepdim=True)).square().sum((2, 3)), discard=50)
+    assert abs(mean - 2.56) < N_SIGMA * error, f"<|x - c|^2> = {mean:.3f} +- {error:.3f}, exact 2.56"
+    assert 0.05 < result.acceptance_flow < 0.3
+    stats = result.statistics
+    # one joint sampling pass and one joint pass of the current state per chain and independence step
+    assert stats["n_flow_samples"] == 64 * 300 and stats["n_flow_log_prob"] == 64 * 300
+    torch.testing.assert_close(result.final_positions.mean(1), x0.mean(1))
 
 
 def test_metropolis_sampler_keeps_dw4_at_the_test_split_mean_energy() -> None:
@@ -427,6 +542,12 @@ def test_latent_hmc_through_a_cnf_samples_a_mean_free_gaussian() -> None:
     assert result.acceptance > 0.3
     assert result.statistics["n_gradient_evaluations"] == 24 * (1 + 3 * 40)
     torch.testing.assert_close(x.mean(2), torch.zeros_like(x.mean(2)), atol=1e-9, rtol=0)
+
+
+def test_latent_mcmc_refuses_an_augmented_flow() -> None:
+    energy = GaussianEnergy(np.ones((3, 2)), mean_free=True)
+    with pytest.raises(ValueError, match=r"needs a bijection of x alone, but EACF is an augmented flow.*use a CNF"):
+        LatentMCMC(energy, perturbed_eacf(3, 2, 1.0, 1.0))
 
 
 def test_latent_mcmc_validates_its_input() -> None:

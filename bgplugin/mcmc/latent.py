@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from bgplugin.energies import Energy
 from bgplugin.mcmc.metropolis import ChainSamples
 from bgplugin.mcmc.moves import _FRAMES, Frame
-from bgplugin.mcmc.registry import flow_device, flow_dtype
+from bgplugin.mcmc.registry import flow_device, flow_dtype, is_augmented_flow
 
 __all__ = ["InvertibleFlow", "LatentMCMC", "LatentMCMCResult", "LatentMethod"]
 
@@ -109,6 +109,8 @@ class LatentMCMC:
     flow : InvertibleFlow
         ``forward(z) -> (x, logdet)`` differentiable in ``z``; ``inverse`` to
         start from configurations; ``prior.sample`` to start from the prior.
+        Augmented flows (E-ACF) are refused: they are bijections of
+        :math:`(x, a)`, not of :math:`x`.
     method : {"mala", "hmc"}
         MALA (one leapfrog step) or HMC with ``n_leapfrog`` steps; identity mass.
     step_size : float
@@ -138,6 +140,12 @@ class LatentMCMC:
     ) -> None:
         if not isinstance(energy, Energy):
             raise TypeError(f"energy must be a bgplugin Energy, got {type(energy).__name__}")
+        if is_augmented_flow(flow):
+            raise ValueError(
+                f"latent MCMC needs a bijection of x alone, but {type(flow).__name__} is an augmented flow (a "
+                "bijection of the joint (x, a)); use a CNF (bgplugin.flows.build_flow(system, kind='cnf')), or "
+                "sample with the E-ACF through FlowIndependenceMove / MetropolisSampler"
+            )
         missing = [name for name in ("forward", "inverse", "n_particles", "dim") if not hasattr(flow, name)]
         if missing:
             raise TypeError(f"latent MCMC needs a flow with forward, inverse, n_particles, dim; missing {missing}")

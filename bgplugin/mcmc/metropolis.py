@@ -14,6 +14,15 @@ translation-invariant energy they sample the whole internal distribution).
 Cost: every flow proposal is one flow sample; :math:`\log q` of the current
 state is known after an accepted flow proposal and is recomputed (one
 inverse pass) only for chains that a random-walk step has moved since.
+
+An augmented flow (:class:`bgplugin.flows.eacf.EACF`, a joint density
+:math:`q(x, a)` whose marginal is only estimated) is used on the joint space
+with the target :math:`\pi(x)\,\pi(a \mid x)`: every independence step
+draws :math:`a \sim \pi(a \mid x)` afresh for every chain (a Gibbs step,
+one joint pass per chain, so no cache), proposes :math:`(x', a') \sim q`, and
+accepts with :math:`\log q(x, a) - \log\pi(a \mid x)` in place of
+:math:`\log q(x)` (and likewise for the proposal); see
+:class:`~bgplugin.mcmc.FlowIndependenceMove`.
 """
 
 from __future__ import annotations
@@ -32,7 +41,15 @@ from tqdm.auto import tqdm
 
 from bgplugin.energies import Energy
 from bgplugin.mcmc.moves import _FRAMES, Frame
-from bgplugin.mcmc.registry import ProposalDensity, flow_device, flow_dtype, resolve_flow
+from bgplugin.mcmc.registry import (
+    ProposalDensity,
+    flow_device,
+    flow_dtype,
+    is_augmented_flow,
+    refreshed_log_ratio,
+    resolve_flow,
+    sample_with_log_ratio,
+)
 
 __all__ = ["ChainSamples", "MetropolisResult", "MetropolisSampler"]
 
@@ -106,7 +123,8 @@ class MetropolisResult(ChainSamples):
     ``statistics`` holds ``n_proposed_flow``, ``n_accepted_flow``,
     ``n_proposed_random_walk``, ``n_accepted_random_walk``,
     ``n_energy_evaluations`` (frames evaluated, summed over chains),
-    ``n_flow_samples``, ``n_flow_log_prob`` (inverse passes), ``n_failed``
+    ``n_flow_samples``, ``n_flow_log_prob`` (inverse passes; for an augmented
+    flow the joint passes of the current states), ``n_failed``
     (non-finite proposal energies), ``flow_seconds`` and ``energy_seconds``.
     """
 
@@ -141,7 +159,8 @@ class MetropolisSampler:
         failed frames (``+inf``) are rejected.
     proposal : ProposalDensity, path-like or None
         Flow for independence proposals (or the path of a saved one); None
-        for random-walk moves only.
+        for random-walk moves only. An augmented flow (E-ACF) is used on the
+        joint space of coordinates and augmented variables (module docstring).
     n_proposals : int
         Flow proposals per iteration (each an independence MH step for every chain).
     random_walk_steps : int
@@ -152,7 +171,8 @@ class MetropolisSampler:
         See :class:`~bgplugin.mcmc.FlowIndependenceMove`; also whether the
         random walk moves the centroid.
     recompute_proposal_log_q : bool
-        Evaluate ``log q(x')`` with ``log_prob`` rather than taking it from ``sample``.
+        Evaluate ``log q(x')`` with ``log_prob`` rather than taking it from
+        ``sample``. Ignored for augmented flows (their joint density is exact in one pass).
     seed : int or None
         Seeds all random draws; None draws fresh entropy.
     device : {"auto", "cpu", "cuda"} or torch.device
@@ -316,22 +336,32 @@ class MetropolisSampler:
         flow_generator: torch.Generator | None,
         stats: dict[str, float],
     ) -> None:
-        """One flow proposal for every chain, in place (``log_q`` of the chains is kept up to date)."""
+        r"""One flow proposal for every chain, in place (``log_q`` of the chains is kept up to date).
+
+        For an augmented flow ``log_q`` holds :math:`\log q(x, a) - \log \pi(a \mid x)` at a fresh Gibbs
+        draw of ``a`` for every chain, whatever ``log_q_valid`` says.
+        """
         if self.proposal is None:
             raise RuntimeError("no proposal flow")
         dtype, device = flow_dtype(self.proposal), flow_device(self.proposal)
         centre = x.mean(1, keepdim=True) if self.frame == "mean_free" else torch.zeros_like(x[:, :1])
         start = time.perf_counter()
         with torch.no_grad():
-            stale = torch.nonzero(~log_q_valid).flatten()
-            if len(stale):
-                current = (x[stale] - centre[stale]).to(device=device, dtype=dtype)
-                log_q[stale] = self.proposal.log_prob(current).to(device=x.device, dtype=x.dtype)
-                stats["n_flow_log_prob"] += len(stale)
-            y, log_q_y = self.proposal.sample(len(x), generator=flow_generator)
-            if self.recompute_proposal_log_q:
-                log_q_y = self.proposal.log_prob(y)
+            if is_augmented_flow(self.proposal):
+                current = (x - centre).to(device=device, dtype=dtype)
+                log_q.copy_(refreshed_log_ratio(self.proposal, current, flow_generator))
                 stats["n_flow_log_prob"] += len(x)
+                y, log_q_y = sample_with_log_ratio(self.proposal, len(x), flow_generator)
+            else:
+                stale = torch.nonzero(~log_q_valid).flatten()
+                if len(stale):
+                    current = (x[stale] - centre[stale]).to(device=device, dtype=dtype)
+                    log_q[stale] = self.proposal.log_prob(current).to(device=x.device, dtype=x.dtype)
+                    stats["n_flow_log_prob"] += len(stale)
+                y, log_q_y = self.proposal.sample(len(x), generator=flow_generator)
+                if self.recompute_proposal_log_q:
+                    log_q_y = self.proposal.log_prob(y)
+                    stats["n_flow_log_prob"] += len(x)
         stats["n_flow_samples"] += len(x)
         stats["flow_seconds"] += time.perf_counter() - start
         y = y.detach().to(device=x.device, dtype=x.dtype)

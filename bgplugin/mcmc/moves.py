@@ -18,6 +18,24 @@ translation-invariant potential :math:`\pi(y \mid c)` does not depend on
 :math:`c`, so the flow alone samples the whole internal distribution
 (other moves, e.g. Langevin dynamics, move the centroid).
 
+An augmented flow (:class:`bgplugin.flows.eacf.EACF`) models a joint density
+:math:`q(x, a)` of the coordinates and augmented variables, with the
+augmented target :math:`\pi(a \mid x) = \prod_k \mathcal N(a_k; x, \eta^2 I)`;
+its marginal :math:`\log q(x)` is only a random estimate. The move then
+runs on the joint space with the target :math:`\pi(x)\,\pi(a \mid x)`,
+whose :math:`x`-marginal is :math:`\pi`: each
+:meth:`~FlowIndependenceMove.apply` first refreshes :math:`a` of the current
+state by a Gibbs draw :math:`a \sim \pi(a \mid x)`, then proposes
+:math:`(x', a') \sim q` and accepts with
+
+.. math::
+
+    \log \alpha = -\big(u(x') - u(x)\big)
+        + \big[\log q(x, a) - \log \pi(a \mid x)\big] - \big[\log q(x', a') - \log \pi(a' \mid x')\big],
+
+exact with one joint pass for the current state and one joint sampling pass
+for the proposals.
+
 :func:`run_flow_mcmc` runs ``SequenceMove([Langevin, FlowIndependenceMove])``
 for a molecular system and returns the frames and the acceptance statistics.
 """
@@ -47,8 +65,11 @@ from bgplugin.mcmc.registry import (
     flow_device,
     flow_dtype,
     get_registered_flow,
+    is_augmented_flow,
+    refreshed_log_ratio,
     register_flow,
     resolve_flow,
+    sample_with_log_ratio,
 )
 
 __all__ = [
@@ -91,8 +112,9 @@ class FlowIndependenceMove(MCMCMove):
     Parameters
     ----------
     flow : ProposalDensity or path-like
-        A flow (e.g. :class:`bgplugin.flows.CNF`) or the path of a file written
-        by :meth:`bgplugin.flows.CNF.save`. Coordinates in nm for OpenMM systems.
+        A flow (e.g. :class:`bgplugin.flows.CNF` or the augmented
+        :class:`bgplugin.flows.eacf.EACF`) or the path of a file written by
+        its ``save``. Coordinates in nm for OpenMM systems.
     n_proposals : int
         Proposals per :meth:`apply`, drawn in one batch and tried one after
         the other against the current state (each is an independence MH step).
@@ -113,6 +135,7 @@ class FlowIndependenceMove(MCMCMove):
         the value returned by ``flow.sample``. For an ODE flow the two differ by
         the solver's round-trip error; recomputing makes :math:`\log q` one
         function for both terms of the acceptance at twice the flow cost.
+        Ignored for augmented flows, whose joint density is exact in one pass.
     seed : int or None
         Seeds the proposals and the acceptance draws; None draws fresh entropy.
         Copies (``copy.deepcopy``, as the multistate samplers make one per
@@ -148,6 +171,17 @@ class FlowIndependenceMove(MCMCMove):
     copy, so read the statistics from ``sampler.mcmc_moves[k]``.
     Serialisation (pickle, openmmtools storage) keeps the flow's path or
     registry key, never the weights.
+
+    An augmented flow (one with ``sample_joint``, ``log_prob_joint``,
+    ``log_prob_aug`` and ``sample_aug``, e.g. an E-ACF) is used on the joint
+    space of coordinates and augmented variables (see the module docstring):
+    its marginal ``log_prob`` is a random estimate, biased low, that would
+    make the acceptance inexact, so the move never calls ``sample`` or
+    ``log_prob``. Each :meth:`apply` draws the current state's augmented
+    variables afresh from :math:`\pi(a \mid x)` (valid because the other
+    moves change :math:`x` only and leave :math:`\pi(x)` invariant), with
+    this move's random stream; an accepted proposal :math:`(x', a')` is the
+    current joint state for the rest of that :meth:`apply`.
     """
 
     def __init__(
@@ -267,10 +301,16 @@ class FlowIndependenceMove(MCMCMove):
         centre = x.mean(axis=0) if self.frame == "mean_free" else np.zeros(x.shape[1])
         start = time.perf_counter()
         with torch.no_grad():
-            log_q_x = float(self._log_q(x[None] - centre)[0])
-            y, log_q_y_tensor = self.flow.sample(self.n_proposals, generator=self._generator)
-            if self.recompute_proposal_log_q:
-                log_q_y_tensor = self.flow.log_prob(y)
+            # for an augmented flow "log q" is log q(x, a) - log pi(a | x) of the joint state
+            current = torch.as_tensor(x[None] - centre, dtype=flow_dtype(self.flow), device=flow_device(self.flow))
+            if is_augmented_flow(self.flow):
+                log_q_x = float(refreshed_log_ratio(self.flow, current, self._generator)[0])
+                y, log_q_y_tensor = sample_with_log_ratio(self.flow, self.n_proposals, self._generator)
+            else:
+                log_q_x = float(self.flow.log_prob(current)[0])
+                y, log_q_y_tensor = self.flow.sample(self.n_proposals, generator=self._generator)
+                if self.recompute_proposal_log_q:
+                    log_q_y_tensor = self.flow.log_prob(y)
         y_np = y.detach().cpu().to(torch.float64).numpy()
         log_q_y = log_q_y_tensor.detach().cpu().to(torch.float64).numpy()
         self.flow_seconds += time.perf_counter() - start
@@ -316,10 +356,6 @@ class FlowIndependenceMove(MCMCMove):
             )
         if self.flow.dim != 3:
             raise ValueError(f"OpenMM systems are 3-dimensional but the flow models dim={self.flow.dim}")
-
-    def _log_q(self, x: np.ndarray) -> np.ndarray:
-        tensor = torch.as_tensor(x, dtype=flow_dtype(self.flow), device=flow_device(self.flow))
-        return self.flow.log_prob(tensor).detach().cpu().to(torch.float64).numpy()
 
     def _chirality_matches(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         if self.chiral_centers is None or self.chiral_centers.size == 0:
@@ -397,8 +433,9 @@ class FlowIndependenceMove(MCMCMove):
 
 def _is_mean_free_flow(flow: object) -> bool:
     from bgplugin.flows import CNF
+    from bgplugin.flows.eacf import EACF
 
-    return isinstance(flow, CNF)
+    return isinstance(flow, CNF | EACF)
 
 
 class SeededLangevinDynamicsMove(LangevinDynamicsMove):

@@ -3,8 +3,14 @@
 MCMC moves are copied and serialised by openmmtools' multistate samplers
 (``copy.deepcopy`` per thermodynamic state, YAML in the netCDF checkpoint), so
 a move cannot carry its flow by value. It carries either the path of a file
-written by :meth:`bgplugin.flows.CNF.save` (restorable anywhere) or a key of
-this registry (restorable in the process that registered the flow).
+written by :meth:`bgplugin.flows.CNF.save` or
+:meth:`bgplugin.flows.eacf.EACF.save` (restorable anywhere) or a key of this
+registry (restorable in the process that registered the flow).
+
+Augmented flows (:class:`bgplugin.flows.eacf.EACF`) model a joint density
+:math:`q(x, a)`; their ``log_prob`` is a random estimate of the marginal, so
+the moves use the joint quantities instead (:func:`is_augmented_flow`,
+:func:`refreshed_log_ratio`, :func:`sample_with_log_ratio`).
 """
 
 from __future__ import annotations
@@ -13,19 +19,23 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "AugmentedProposalDensity",
     "ProposalDensity",
     "flow_device",
     "flow_dtype",
     "get_registered_flow",
+    "is_augmented_flow",
+    "refreshed_log_ratio",
     "register_flow",
     "registered_flows",
     "resolve_flow",
+    "sample_with_log_ratio",
     "unregister_flow",
 ]
 
@@ -54,6 +64,78 @@ class ProposalDensity(Protocol):
     def log_prob(self, x: Tensor) -> Tensor:
         """``log q(x)``, shape (batch,), nats, for ``x`` of shape (batch, n_particles, dim)."""
         ...
+
+
+class AugmentedProposalDensity(ProposalDensity, Protocol):
+    r"""A density :math:`q(x, a)` on coordinates and augmented variables (:class:`bgplugin.flows.eacf.EACF`).
+
+    Its ``sample``/``log_prob`` give a random estimate of the marginal
+    :math:`\log q(x)`; MCMC uses the exact joint quantities below.
+    """
+
+    def sample_joint(
+        self, n_samples: int, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw ``x`` (n_samples, n_particles, dim), ``a`` (n_samples, n_aug, n_particles, dim) and ``log q(x, a)``."""
+        ...
+
+    def log_prob_joint(self, x: Tensor, a: Tensor) -> Tensor:
+        """``log q(x, a)``, shape (batch,), nats."""
+        ...
+
+    def log_prob_aug(self, a: Tensor, x: Tensor) -> Tensor:
+        r"""``log pi(a | x)`` of the augmented target, shape (batch,), nats."""
+        ...
+
+    def sample_aug(self, x: Tensor, n_draws: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        r"""Draw ``a ~ pi(a | x)``, shape (batch, n_aug, n_particles, dim) for ``n_draws=None``."""
+        ...
+
+
+_AUGMENTED_METHODS = ("sample_joint", "log_prob_joint", "log_prob_aug", "sample_aug")
+
+
+def is_augmented_flow(flow: object) -> TypeGuard[AugmentedProposalDensity]:
+    """Whether ``flow`` models a joint density of coordinates and augmented variables (an E-ACF).
+
+    True when it has ``sample_joint``, ``log_prob_joint``, ``log_prob_aug`` and ``sample_aug``.
+    """
+    return all(callable(getattr(flow, name, None)) for name in _AUGMENTED_METHODS)
+
+
+def refreshed_log_ratio(flow: AugmentedProposalDensity, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    r"""A Gibbs draw :math:`a \sim \pi(a \mid x)` for current states, and :math:`\log q(x, a) - \log \pi(a \mid x)`.
+
+    Parameters
+    ----------
+    x : Tensor, shape (batch, n_particles, dim)
+        Current states, centroid removed, on the flow's device and dtype.
+    generator : torch.Generator or None
+        For the draws of ``a`` (on the flow's device).
+
+    Returns
+    -------
+    Tensor, shape (batch,)
+        Nats; one joint pass of the flow.
+    """
+    a = flow.sample_aug(x, generator=generator)
+    return flow.log_prob_joint(x, a) - flow.log_prob_aug(a, x)
+
+
+def sample_with_log_ratio(
+    flow: AugmentedProposalDensity, n_samples: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    r"""Joint proposals :math:`(y, b) \sim q` and :math:`\log q(y, b) - \log \pi(b \mid y)`.
+
+    Returns
+    -------
+    y : Tensor, shape (n_samples, n_particles, dim)
+        Mean-free coordinates (``b`` is needed only through the log-ratio).
+    log_ratio : Tensor, shape (n_samples,)
+        Nats; one joint sampling pass of the flow.
+    """
+    y, b, log_q = flow.sample_joint(n_samples, generator=generator)
+    return y, log_q - flow.log_prob_aug(b, y)
 
 
 def flow_dtype(flow: ProposalDensity) -> torch.dtype:
@@ -138,7 +220,8 @@ def resolve_flow(
     Parameters
     ----------
     flow : ProposalDensity or path-like
-        A flow, or a file written by :meth:`bgplugin.flows.CNF.save`.
+        A flow, or a file written by :meth:`bgplugin.flows.CNF.save` or
+        :meth:`bgplugin.flows.eacf.EACF.save` (read by :func:`bgplugin.flows.load_flow`).
     device : {"auto", "cpu", "cuda"} or torch.device
         Where to load a flow given by path.
 
