@@ -65,12 +65,7 @@ def _bench_divergence(args: argparse.Namespace) -> int:
     from bgplugin.benchmarks.divergence import bench_divergence, format_divergence
     from bgplugin.fileio import write_json
 
-    models = {}
-    for item in args.model or []:
-        system, sep, path = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --model takes SYSTEM=PATH, got {item!r}")
-        models[system] = path
+    models = _system_paths(args.model, "--model")
     result = bench_divergence(tuple(args.systems), models, args.tolerance, args.seed, args.threads)
     print(format_divergence(result))
     if args.out:
@@ -80,6 +75,28 @@ def _bench_divergence(args: argparse.Namespace) -> int:
 
 _CNF_OBJECTIVES = ("eqot", "ot", "cfm", "nll")
 _EACF_OBJECTIVES = {"nll": "ml", "fab": "fab", "kl": "kl"}
+
+
+def _system_paths(items: list[str] | None, option: str) -> dict[str, str]:
+    paths = {}
+    for item in items or []:
+        system, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {option} takes SYSTEM=PATH, got {item!r}")
+        paths[system] = path
+    return paths
+
+
+def _bench_sampling(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.sampling import bench_sampling, format_sampling
+    from bgplugin.fileio import write_json
+
+    result = bench_sampling(tuple(args.systems), _system_paths(args.eacf, "--eacf"), _system_paths(args.cnf, "--cnf"),
+                            args.marginal_draws, args.seed, args.threads)  # fmt: skip
+    print(format_sampling(result))
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
 
 
 def _bench_particles(args: argparse.Namespace) -> int:
@@ -180,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     divergence.add_argument("--seed", type=int, default=0)
     divergence.add_argument("--out", help="write the results as JSON to this file")
     divergence.set_defaults(func=_bench_divergence)
+    sampling = bench_sub.add_parser("sampling", help="samples/s with a density: E-ACF (joint, marginal) vs the CNF")
+    sampling.add_argument("--systems", nargs="+", choices=["dw4", "lj13", "alanine_dipeptide"],
+                          default=["dw4", "lj13", "alanine_dipeptide"])
+    sampling.add_argument("--eacf", action="append", metavar="SYSTEM=PATH", help="a trained E-ACF to time")
+    sampling.add_argument("--cnf", action="append", metavar="SYSTEM=PATH", help="a trained CNF to time")
+    sampling.add_argument("--marginal-draws", type=_positive_int, default=20, help="M of the marginal estimate (20)")
+    sampling.add_argument("--threads", type=_positive_int, default=1)
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--out", help="write the results as JSON to this file")
+    sampling.set_defaults(func=_bench_sampling)
     for name in ("dw4", "lj13", "lj55"):
         particles = bench_sub.add_parser(name, help=f"train and evaluate a CNF on the published {name.upper()} splits")
         particles.add_argument("--model", choices=["cnf", "eacf"], default="cnf",

@@ -549,3 +549,23 @@ def test_edge_messages_equal_the_mlp_on_the_concatenated_pair_features() -> None
         d2 = torch.randn(5, 7, 7, channels, dtype=torch.float64)
         pair = torch.cat((h.unsqueeze(2).expand(5, 7, 7, -1), h.unsqueeze(1).expand(5, 7, 7, -1), d2), dim=-1)
         torch.testing.assert_close(layer._edge_messages(h, d2), layer.edge(pair), rtol=1e-12, atol=1e-12)
+
+
+def test_bench_sampling_times_eacf_and_cnf_in_one_run(tmp_path) -> None:
+    from bgplugin.benchmarks.sampling import bench_sampling, format_sampling
+    from bgplugin.flows import build_flow
+    from bgplugin.systems import get_system
+
+    result = bench_sampling(("dw4",), n_marginal=2, sizes={"dw4": {"n_eacf": 16, "n_cnf": 4}})
+    speed = result["dw4"]
+    assert speed["n_eacf"] == 16 and speed["n_cnf"] == 4 and speed["n_marginal"] == 2
+    for key in ("eacf_joint_samples_per_s", "eacf_marginal_samples_per_s", "cnf_samples_per_s"):
+        assert speed[key] > 0
+    assert speed["ratio_joint_vs_cnf"] == pytest.approx(speed["eacf_joint_samples_per_s"] / speed["cnf_samples_per_s"])
+    assert "dw4" in format_sampling(result) and result["machine"]["cpu_count"] >= 1
+    cnf_path = tmp_path / "cnf.pt"
+    build_flow(get_system("dw4"), "egnn", hidden=8, n_layers=1, device="cpu").save(cnf_path)
+    with pytest.raises(ValueError, match="is not an E-ACF file"):
+        bench_sampling(("dw4",), eacf_models={"dw4": str(cnf_path)})
+    with pytest.raises(ValueError, match="unknown systems"):
+        bench_sampling(("lj55",))
