@@ -122,7 +122,7 @@ def format_sampling(result: dict[str, Any]) -> str:
     """A table of :func:`bench_sampling` results."""
     m = result["settings"]["n_marginal"]
     lines = [
-        "samples/s with a density: E-ACF joint (exact, one pass), E-ACF marginal (M = %d draws), CNF (exact)" % m,
+        f"samples/s with a density: E-ACF joint (exact, one pass), E-ACF marginal (M = {m} draws), CNF (exact)",
         f"{'system':<20}{'E-ACF joint':>12}{'marginal':>10}{'CNF':>10}{'joint/CNF':>11}{'marginal/CNF':>14}",
     ]
     for name in result["settings"]["systems"]:
