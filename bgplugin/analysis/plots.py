@@ -170,7 +170,9 @@ def plot_energy_histograms(
         text = label
         extras = []
         if outside > 0:
-            extras.append(f"{100 * outside:.2g}% outside")
+            extras.append(f"{100 * outside:.3g}% outside")
+        if outside > 0.5:  # most of it is off the plot: say where it is
+            extras.append(f"median {np.median(u[finite]):.3g} {units}")
         if (~finite).any():
             extras.append(f"{int((~finite).sum())} failed")
         if extras:
