@@ -521,7 +521,11 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     for key in ("nll", "ess", "ess_joint", "forward_ess"):
         assert math.isfinite(result[key]), key
     assert result["nll_with_prior_constant"] - result["nll"] == pytest.approx(5.514, abs=1e-3)
-    assert result["speed"]["eacf_joint_samples_per_s"] > result["speed"]["eacf_marginal_samples_per_s"]
+    speed = result["speed"]  # rates only: comparing timings in a test flakes on a loaded machine (CI did)
+    assert speed["n_marginal"] == 2 and speed["n_eacf"] == 64 and speed["n_cnf"] == 2
+    for key in ("eacf_joint_samples_per_s", "eacf_marginal_samples_per_s", "cnf_samples_per_s"):
+        assert math.isfinite(speed[key]) and speed[key] > 0, key
+    assert speed["ratio_joint_vs_cnf"] == pytest.approx(speed["eacf_joint_samples_per_s"] / speed["cnf_samples_per_s"])
     assert (tmp_path / "run" / "result.json").is_file() and (tmp_path / "run" / "flow.pt").is_file()
     assert "E-ACF" in format_eacf(result)
 
