@@ -19,7 +19,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Protocol, TypeGuard, runtime_checkable
+from typing import Literal, Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -70,8 +70,14 @@ class AugmentedProposalDensity(ProposalDensity, Protocol):
     r"""A density :math:`q(x, a)` on coordinates and augmented variables (:class:`bgplugin.flows.eacf.EACF`).
 
     Its ``sample``/``log_prob`` give a random estimate of the marginal
-    :math:`\log q(x)`; MCMC uses the exact joint quantities below.
+    :math:`\log q(x)` by default; MCMC uses the exact joint quantities below.
     """
+
+    def sample(
+        self, n_samples: int, *, generator: torch.Generator | None = None, density: Literal["marginal", "joint"] = ...
+    ) -> tuple[Tensor, Tensor]:
+        r"""``x`` and, for ``density="joint"``, :math:`\log q(x, a) - \log \pi(a \mid x)` of the drawn ``a``."""
+        ...
 
     def sample_joint(
         self, n_samples: int, *, generator: torch.Generator | None = None
@@ -134,8 +140,7 @@ def sample_with_log_ratio(
     log_ratio : Tensor, shape (n_samples,)
         Nats; one joint sampling pass of the flow.
     """
-    y, b, log_q = flow.sample_joint(n_samples, generator=generator)
-    return y, log_q - flow.log_prob_aug(b, y)
+    return flow.sample(n_samples, generator=generator, density="joint")
 
 
 def flow_dtype(flow: ProposalDensity) -> torch.dtype:
