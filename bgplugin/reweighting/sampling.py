@@ -239,7 +239,8 @@ def reweight(
     if "generator" in sample_kwargs:
         raise ValueError("pass the generator as generator=..., not inside sample_kwargs")
     joint_ratio = sample_kwargs.get("density") == "joint"
-    if joint_ratio and chirality == "mirror" and not proposal_is_reflection_symmetric(flow):
+    reflection_symmetric = proposal_is_reflection_symmetric(flow)
+    if joint_ratio and chirality == "mirror" and not reflection_symmetric:
         raise ValueError(
             "chirality='mirror' needs q(Mx) of the same kind as the sampled log q, but density='joint' gives joint "
             "log-ratios: use chirality='filter', or density='marginal'"
@@ -278,7 +279,7 @@ def reweight(
         chirality=chirality,
         clip=clip,
         batch_size=batch_size,
-        reflection_symmetric=proposal_is_reflection_symmetric(flow),
+        reflection_symmetric=reflection_symmetric,
         log_prob=None if log_prob is None else _numpy_log_prob(flow, batch_size),
         progress=progress,
     )
