@@ -162,6 +162,7 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     out = tmp_path / "run"
     results = run_protocol(data, out, device="cpu", progress=False)
     assert list(results["steps"]) == ["simulate", "train", "sample", "reweight", "profile", "report"]
+    assert results["steps"]["train"]["grad_guard"] is True  # the default for E-ACFs
     from bgplugin.flows import load_flow
     from bgplugin.flows.eacf import EACF
 

@@ -446,6 +446,59 @@ def test_non_finite_steps_are_skipped_and_then_stop_training() -> None:
         always_nan.fit()
 
 
+class LinearLoss:
+    """loss = factor(step) * sum(w): every gradient element equals the step's factor."""
+
+    requires_data = False
+
+    def __init__(self, factors: dict[int, float]) -> None:
+        self.factors = factors
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> None:
+        return None
+
+    def loss(self, model: nn.Module, batch: None, step: int) -> LossOutput:
+        return LossOutput(self.factors.get(step, 1.0) * model.weight.sum(), {})
+
+
+@pytest.mark.parametrize(("grad_clip", "clipped_gradient"), [(None, 5.0), (3.0, 1.5)])
+def test_gradient_guard_skips_outliers_and_clips_large_gradients(
+    grad_clip: float | None, clipped_gradient: float
+) -> None:
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))  # gradient norm = 2 x factor
+    # the guard decides from step 20 on (20 norms recorded, median 2): step 22 is 100x (skipped),
+    # step 24 is 8x (clipped to 5x the median, i.e. 5 per element; then grad_clip=3 caps the norm at 3)
+    objective = LinearLoss({22: 100.0, 24: 8.0, 10: 100.0})  # step 10: before the guard decides: taken as is
+    settings = {"max_steps": 30, "lr": 1e-3, "schedule": "constant", "grad_guard": True, "grad_clip": grad_clip}
+    trainer = Trainer(model, objective, config(None, **settings))
+    summary = trainer.fit()
+    assert (summary.guard_skipped_steps, summary.guard_clipped_steps, summary.skipped_steps) == (1, 1, 0)
+    first_moment = 0.0
+    for step in range(30):
+        if step == 22:
+            continue
+        gradient = {24: clipped_gradient, 10: 100.0 if grad_clip is None else 100.0 * 3.0 / 200.0}.get(step, 1.0)
+        first_moment = 0.9 * first_moment + 0.1 * gradient
+    state = trainer.optimizer.state[model.weight]
+    assert int(state["step"]) == 29
+    torch.testing.assert_close(state["exp_avg"], torch.full((4,), first_moment, dtype=torch.float64))
+    unguarded = Trainer(model, objective, config(None, **{**settings, "grad_guard": False}))
+    assert unguarded.guard is None and unguarded.fit().guard_skipped_steps == 0
+
+
+def test_resume_keeps_the_gradient_guard_history(tmp_path: Path) -> None:
+    straight = _fresh("nll-hutchinson", tmp_path / "straight", max_steps=30, grad_guard=True, checkpoint_every=5)
+    straight.fit()
+    _fresh("nll-hutchinson", tmp_path / "split", max_steps=30, grad_guard=True, checkpoint_every=5).fit(stop_at=25)
+    second = _fresh("nll-hutchinson", tmp_path / "split", max_steps=30, grad_guard=True, checkpoint_every=5)
+    assert second.fit().steps_this_session == 5
+    assert straight.guard is not None and second.guard is not None
+    assert list(second.guard.norms) == list(straight.guard.norms) and len(second.guard.norms) == 30
+    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_learning_rate_schedule() -> None:
     trainer = _fresh("kl", None, max_steps=10, warmup_steps=2, schedule="cosine", min_lr_factor=0.1)
     factors = [trainer.scheduler.lr_lambdas[0](s) for s in range(11)]  # type: ignore[attr-defined]

@@ -175,6 +175,11 @@ class TrainConfig:
     the weights of a biased set); ``"von_mises"`` first resamples the frames
     with a von Mises bias along ``bias_cv`` (the EFM recipe) and trains on
     the result unweighted.
+
+    ``grad_guard``: skip steps whose gradient norm exceeds 20x the running
+    median and clip above 5x (:class:`bgplugin.training.GradientGuard`);
+    ``None`` (default) turns it on for E-ACFs (the paper's optimiser) and
+    off for CNFs, whose flow-matching gradients have no such outliers.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -186,6 +191,7 @@ class TrainConfig:
     sigma: float = 0.0
     ema_decay: float | None = 0.999
     grad_clip: float | None = 10.0
+    grad_guard: bool | None = None
     weights: Literal["none", "dataset", "von_mises"] = "none"
     bias_cv: str = "phi"
     bias_mu: float = 1.0

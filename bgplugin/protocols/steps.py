@@ -225,11 +225,12 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
                 len(training_data)), lr=train.lr, seed=protocol.seed, probe_steps=8, probe_seconds=30.0, margin=0.85,
             )  # fmt: skip
     write_json(settings_file, {"max_steps": max_steps, "n_frames": len(training_data)})
+    grad_guard = model.kind == "eacf" if train.grad_guard is None else train.grad_guard
     config = TrainerConfig(
         max_steps=max_steps, max_minutes=train.minutes, batch_size=min(train.batch_size, len(training_data)),
         lr=train.lr, schedule="cosine", warmup_steps=min(100, max_steps // 10), grad_clip=train.grad_clip,
-        ema_decay=train.ema_decay, seed=protocol.seed, checkpoint_every=max(25, max_steps // 20), out_dir=folder,
-        progress=progress,
+        grad_guard=grad_guard, ema_decay=train.ema_decay, seed=protocol.seed,
+        checkpoint_every=max(25, max_steps // 20), out_dir=folder, progress=progress,
     )  # fmt: skip
     trainer = Trainer(flow, objective, config, training_data)
     summary = trainer.fit(resume=True)
@@ -240,6 +241,8 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
     return {
         "steps": summary.step, "max_steps": max_steps, "stopped_by": summary.stopped_by,
         "final_loss": summary.final_loss, "train_seconds": summary.elapsed_seconds,
+        "grad_guard": grad_guard, "guard_skipped_steps": summary.guard_skipped_steps,
+        "guard_clipped_steps": summary.guard_clipped_steps,
         "n_training_frames": len(training_data), "n_parameters": sum(p.numel() for p in flow.parameters()),
         "device": str(flow.device), "flow": str(folder / FLOW_FILE), "loss_plot": str(folder / "loss.png"),
     }  # fmt: skip

@@ -6,6 +6,8 @@
 - :mod:`~bgplugin.training.likelihood`: maximum likelihood, reverse KL, ML+KL.
 - :mod:`~bgplugin.training.trainer`: AdamW, schedules, EMA, clipping, exact
   resume, CSV/PNG logs, step and time budgets.
+- :mod:`~bgplugin.training.guard`: skip/clip outlying gradient norms against
+  the running median (the coupling-flow optimiser guard).
 """
 
 from bgplugin.training.flow_matching import (
@@ -14,6 +16,7 @@ from bgplugin.training.flow_matching import (
     conditional_flow_matching_loss,
     sample_conditional_path,
 )
+from bgplugin.training.guard import GradientGuard, GuardDecision
 from bgplugin.training.likelihood import (
     MLKL,
     DataBatch,
@@ -53,6 +56,8 @@ __all__ = [
     "ExponentialMovingAverage",
     "FlowMatching",
     "FlowMatchingBatch",
+    "GradientGuard",
+    "GuardDecision",
     "LambdaSchedule",
     "LossOutput",
     "MaximumLikelihood",

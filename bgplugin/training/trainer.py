@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bgplugin.fileio import atomic_write
+from bgplugin.training.guard import GradientGuard
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,12 @@ class TrainerConfig:
         Final learning rate as a fraction of ``lr``.
     grad_clip : float or None
         Clip the global gradient norm to this value; ``None``: no clipping.
+    grad_guard : bool
+        Skip a step whose gradient norm exceeds 20 times the median of the
+        last 100 norms and clip one above 5 times it
+        (:class:`~bgplugin.training.guard.GradientGuard`, the optimiser guard
+        of Midgley et al. 2023 for coupling flows); applied before
+        ``grad_clip``. Guard-skipped steps still advance the schedule.
     ema_decay : float or None
         Keep an exponential moving average of the parameters with this decay
         (e.g. 0.999); ``None``: no EMA.
@@ -262,6 +269,7 @@ class TrainerConfig:
     warmup_steps: int = 0
     min_lr_factor: float = 0.0
     grad_clip: float | None = None
+    grad_guard: bool = False
     ema_decay: float | None = None
     seed: int = 0
     num_workers: int = 0
@@ -408,6 +416,9 @@ class TrainingSummary:
         when it ran in a worker); ``None`` if the objective does not pair.
     skipped_steps : int
         Steps skipped in this session because of a non-finite loss or gradient.
+    guard_skipped_steps, guard_clipped_steps : int
+        Steps skipped or clipped by the gradient guard in this session
+        (``grad_guard``; 0 without it).
     """
 
     step: int
@@ -419,6 +430,8 @@ class TrainingSummary:
     mean_step_seconds: float
     mean_pairing_seconds: float | None
     skipped_steps: int
+    guard_skipped_steps: int = 0
+    guard_clipped_steps: int = 0
 
 
 @dataclass
@@ -478,6 +491,7 @@ class Trainer:
             _LearningRateFactor(config.schedule, config.max_steps, config.warmup_steps, config.min_lr_factor),
         )
         self.ema = None if config.ema_decay is None else ExponentialMovingAverage(self.parameters, config.ema_decay)
+        self.guard = GradientGuard() if config.grad_guard else None
         self.out_dir = None if config.out_dir is None else Path(config.out_dir)
         self.step = 0
         self.elapsed_seconds = 0.0
@@ -529,6 +543,7 @@ class Trainer:
         start_step = self.step
         times = _SessionTimes()
         skipped = 0
+        guard_counts = (0, 0) if self.guard is None else (self.guard.n_skipped, self.guard.n_clipped)
         consecutive_bad = 0
         stopped_by: StopReason = "max_steps" if end == self.config.max_steps else "stop_at"
         consistent = True
@@ -556,13 +571,17 @@ class Trainer:
                 loss_value = float(output.loss.detach())
                 grad_norm = math.nan
                 good = math.isfinite(loss_value)
+                update = good
                 if good:
                     output.loss.backward()
-                    max_norm = math.inf if self.config.grad_clip is None else self.config.grad_clip
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
-                    good = math.isfinite(grad_norm)
+                    if self.guard is None:
+                        max_norm = math.inf if self.config.grad_clip is None else self.config.grad_clip
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+                        good = update = math.isfinite(grad_norm)
+                    else:
+                        grad_norm, good, update = self._guarded_clip()
                 consistent = False
-                if good:
+                if update:
                     self.optimizer.step()
                     if self.ema is not None:
                         self.ema.update()
@@ -630,6 +649,8 @@ class Trainer:
             mean_step_seconds=float(np.mean(times.step)) if times.step else math.nan,
             mean_pairing_seconds=float(np.mean(times.pairing)) if times.pairing else None,
             skipped_steps=skipped,
+            guard_skipped_steps=0 if self.guard is None else self.guard.n_skipped - guard_counts[0],
+            guard_clipped_steps=0 if self.guard is None else self.guard.n_clipped - guard_counts[1],
         )
         pairing = (
             "" if summary.mean_pairing_seconds is None else f", pairing {1e3 * summary.mean_pairing_seconds:.1f} ms"
@@ -639,7 +660,32 @@ class Trainer:
             summary.step, stopped_by, summary.elapsed_seconds, summary.final_loss,
             1e3 * summary.mean_data_seconds, pairing, 1e3 * summary.mean_step_seconds,
         )
+        if self.guard is not None:
+            logger.info(
+                "gradient guard: %d steps skipped, %d clipped this session",
+                summary.guard_skipped_steps, summary.guard_clipped_steps,
+            )
         return summary
+
+    def _guarded_clip(self) -> tuple[float, bool, bool]:
+        """Apply the gradient guard, then ``grad_clip``; return (norm, finite, take the update)."""
+        assert self.guard is not None
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, math.inf))
+        if not math.isfinite(grad_norm):
+            return grad_norm, False, False
+        decision = self.guard.decide(grad_norm)
+        if decision.action == "skip":
+            logger.debug("step %d: gradient norm %.3g > guard (median %.3g); skipped", self.step, grad_norm,
+                         decision.median)  # fmt: skip
+            return grad_norm, True, False
+        scale = decision.scale
+        if self.config.grad_clip is not None:
+            scale *= min(1.0, self.config.grad_clip / (scale * grad_norm + 1e-6))
+        if scale < 1.0:
+            for p in self.parameters:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return grad_norm, True, True
 
     def _loader(self, start: int, end: int) -> torch.utils.data.DataLoader[Any]:
         dataset = _StepBatches(self.objective, self.data, self.config.batch_size, self.config.seed)
@@ -671,6 +717,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
             "rng": _rng_state(),
         }
         atomic_write(Path(path), lambda stream: torch.save(state, stream))
@@ -697,6 +744,11 @@ class Trainer:
             )
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.guard is not None:
+            if state.get("guard") is not None:
+                self.guard.load_state_dict(state["guard"])
+            else:
+                logger.info("%s has no gradient-guard history; the guard starts a new one", path)
         current = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
         changed = sorted(k for k, v in state["config"].items() if current.get(k) != v)
         if changed:

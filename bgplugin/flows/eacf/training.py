@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bgplugin.flows.eacf.model import EACF
+from bgplugin.training.guard import GradientGuard
 from bgplugin.training.likelihood import linlog_cutoff
 from bgplugin.training.trainer import LossOutput, TrainingData, weighted_mean
 
@@ -94,15 +94,12 @@ class StepReport(NamedTuple):
 
 
 class GuardedOptimizer:
-    """Wraps an optimiser: skip updates with outlying gradient norms, clip large ones (Midgley et al. 2023).
+    """Wraps an optimiser with a :class:`~bgplugin.training.guard.GradientGuard` (Midgley et al. 2023).
 
-    With :math:`m` the median of the last ``history`` finite gradient norms,
-    a step whose norm exceeds ``skip_factor * m`` is skipped, one above
-    ``clip_factor * m`` is clipped to that norm, and a non-finite gradient is
-    always skipped. Every finite norm (also of skipped steps) enters the
-    history, so a lasting change of scale is followed after about
-    ``history / 2`` steps. No decision is taken before ``min_history`` norms
-    are recorded.
+    A step whose global gradient norm exceeds ``skip_factor`` times the
+    median of the last ``history`` finite norms is skipped, one above
+    ``clip_factor`` times the median is clipped to that norm, and a
+    non-finite gradient is always skipped (see the guard for the details).
 
     Parameters
     ----------
@@ -124,19 +121,23 @@ class GuardedOptimizer:
         clip_factor: float = 5.0,
         min_history: int = 20,
     ) -> None:
-        _check_positive_int("history", history)
-        _check_positive_int("min_history", min_history)
-        if min_history > history:
-            raise ValueError(f"min_history ({min_history}) must be <= history ({history})")
-        if not 1.0 <= clip_factor <= skip_factor:
-            raise ValueError(f"need 1 <= clip_factor <= skip_factor, got clip {clip_factor}, skip {skip_factor}")
         self.optimizer = optimizer
-        self.skip_factor = float(skip_factor)
-        self.clip_factor = float(clip_factor)
-        self.min_history = int(min_history)
-        self.norms: deque[float] = deque(maxlen=history)
-        self.n_skipped = 0
-        self.n_clipped = 0
+        self.guard = GradientGuard(history, skip_factor, clip_factor, min_history)
+
+    @property
+    def norms(self) -> deque[float]:
+        """Recorded gradient norms (the guard's history)."""
+        return self.guard.norms
+
+    @property
+    def n_skipped(self) -> int:
+        """Steps skipped so far."""
+        return self.guard.n_skipped
+
+    @property
+    def n_clipped(self) -> int:
+        """Steps clipped so far."""
+        return self.guard.n_clipped
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -156,43 +157,25 @@ class GuardedOptimizer:
         if not parameters:
             raise RuntimeError("no parameter has a gradient; call loss.backward() before step()")
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])))
-        median = statistics.median(self.norms) if len(self.norms) >= self.min_history else math.nan
-        if not math.isfinite(norm):
-            self.n_skipped += 1
+        decision = self.guard.decide(norm)
+        if decision.action == "skip":
             self.zero_grad()
-            return StepReport("skip", norm, median)
-        self.norms.append(norm)
-        if math.isfinite(median) and norm > self.skip_factor * median:
-            self.n_skipped += 1
-            self.zero_grad()
-            logger.debug("gradient norm %.3g > %g x median %.3g: step skipped", norm, self.skip_factor, median)
-            return StepReport("skip", norm, median)
-        action: Literal["step", "clip"] = "step"
-        if math.isfinite(median) and norm > self.clip_factor * median:
-            scale = self.clip_factor * median / norm
+            logger.debug("gradient norm %.3g (median %.3g): step skipped", norm, decision.median)
+            return StepReport("skip", norm, decision.median)
+        if decision.action == "clip":
             for p in parameters:
-                p.grad.mul_(scale)  # type: ignore[union-attr]
-            action = "clip"
-            self.n_clipped += 1
+                p.grad.mul_(decision.scale)  # type: ignore[union-attr]
         self.optimizer.step()
-        return StepReport(action, norm, median)
+        return StepReport(decision.action, norm, decision.median)
 
     def state_dict(self) -> dict[str, Any]:
         """Wrapped optimiser state plus the norm history and counters."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "norms": list(self.norms),
-            "n_skipped": self.n_skipped,
-            "n_clipped": self.n_clipped,
-        }
+        return {"optimizer": self.optimizer.state_dict(), **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.norms.clear()
-        self.norms.extend(float(v) for v in state["norms"])
-        self.n_skipped = int(state["n_skipped"])
-        self.n_clipped = int(state["n_clipped"])
+        self.guard.load_state_dict(state)
 
 
 # ----------------------------------------------------------------- objectives
