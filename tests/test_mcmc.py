@@ -503,6 +503,8 @@ def test_metropolis_sampler_validates_its_input() -> None:
         MetropolisSampler(energy)
     with pytest.raises(ValueError, match=r"proposal models \(3, 2\)"):
         MetropolisSampler(energy, IsotropicGaussian(np.zeros((3, 2)), 1.0))
+    with pytest.raises(ValueError, match="CNF is a density on mean-free coordinates"):
+        MetropolisSampler(energy, small_cnf(2, 2, 0.01), frame="absolute")
     sampler = MetropolisSampler(energy, random_walk_steps=1)
     with pytest.raises(ValueError, match="shape"):
         sampler.run(torch.zeros(4, 3, 2), 1)

@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bgplugin.energies import Energy
-from bgplugin.mcmc.moves import _FRAMES, Frame
+from bgplugin.mcmc.moves import _FRAMES, Frame, _is_mean_free_flow
 from bgplugin.mcmc.registry import (
     ProposalDensity,
     flow_device,
@@ -208,6 +208,11 @@ class MetropolisSampler:
             shape = (self.proposal.n_particles, self.proposal.dim)
             if shape != (energy.n_particles, energy.dim):
                 raise ValueError(f"the proposal models {shape} but the energy {(energy.n_particles, energy.dim)}")
+            if frame == "absolute" and _is_mean_free_flow(self.proposal):
+                raise ValueError(
+                    f"frame='absolute' needs a density on all coordinates, but {type(self.proposal).__name__} is a "
+                    "density on mean-free coordinates; use frame='mean_free'"
+                )
         if self.proposal is None and n_proposals > 0 and random_walk_steps == 0:
             raise ValueError("without a proposal flow, set random_walk_steps >= 1 (nothing would move)")
         self.energy = energy
