@@ -119,6 +119,8 @@ def _bench_particles(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_eval_samples=args.eval_samples,
         device=args.device,
+        lr=5e-4 if args.lr is None else args.lr,
+        schedule_clock=args.schedule_clock,
     )
     print(format_particles(result))
     if args.out:
@@ -146,6 +148,8 @@ def _bench_particles_eacf(args: argparse.Namespace) -> int:
     options.system, options.objective, options.minutes = args.benchmark, _EACF_OBJECTIVES[objective], args.minutes
     options.out_dir = args.out_dir or f"runs/bench_eacf_{args.benchmark}_{options.objective}"
     options.eval_samples, options.seed = args.eval_samples, args.seed
+    if args.lr is not None:
+        options.lr = args.lr
     result = bench_eacf_from_args(options)
     print(format_eacf(result))
     if args.out:
@@ -217,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         particles.add_argument("--out", help="write the results as JSON to this file")
         particles.add_argument("--out-dir", help="run folder: checkpoints, plots (default runs/bench_<system>_<obj>)")
         particles.add_argument("--eval-samples", type=_positive_int, help="flow samples for ESS (system default)")
+        particles.add_argument("--lr", type=float, help="peak learning rate (cnf 5e-4, eacf 1e-3)")
+        particles.add_argument("--schedule-clock", choices=["time", "steps"], default="time",
+                               help="cnf: the cosine decay spans --minutes of training (time, default) or the "
+                                    "step count estimated from a timing probe (steps)")
         particles.add_argument("--seed", type=int, default=0)
         particles.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         particles.set_defaults(func=_bench_particles)

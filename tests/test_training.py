@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -485,6 +486,42 @@ def test_gradient_guard_skips_outliers_and_clips_large_gradients(
     torch.testing.assert_close(state["exp_avg"], torch.full((4,), first_moment, dtype=torch.float64))
     unguarded = Trainer(model, objective, config(None, **{**settings, "grad_guard": False}))
     assert unguarded.guard is None and unguarded.fit().guard_skipped_steps == 0
+
+
+class SlowLinearLoss(LinearLoss):
+    """LinearLoss that takes 30 ms per step (a stand-in for real work, for the time-based schedule)."""
+
+    def loss(self, model: nn.Module, batch: None, step: int) -> LossOutput:
+        time.sleep(0.03)
+        return super().loss(model, batch, step)
+
+
+def test_time_clock_spans_the_decay_over_the_time_budget(tmp_path: Path) -> None:
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    budget_minutes = 0.015  # 0.9 s: about 30 steps of 30 ms
+    settings = {"max_steps": 10_000, "max_minutes": budget_minutes, "lr": 1e-2, "schedule": "cosine",
+                "warmup_steps": 2, "schedule_clock": "time", "log_every": 1, "checkpoint_every": 10_000}  # fmt: skip
+    summary = Trainer(model, SlowLinearLoss({}), config(tmp_path, **settings)).fit()
+    assert summary.stopped_by == "max_minutes" and 10 < summary.step < 10_000
+    with (tmp_path / "loss.csv").open() as stream:
+        rows = [(float(r["lr"]), float(r["elapsed_seconds"])) for r in csv.DictReader(stream)]
+    assert rows[0][0] == pytest.approx(0.5e-2) and rows[1][0] == pytest.approx(1e-2)  # warm-up by steps
+    budget = 60.0 * budget_minutes
+    for (lr, _), (_, elapsed_before) in zip(rows[3:], rows[2:-1], strict=True):
+        expected = 0.5e-2 * (1.0 + math.cos(math.pi * min(1.0, elapsed_before / budget)))
+        assert lr == pytest.approx(expected, abs=2e-4)
+    assert rows[-1][0] < 0.15e-2  # the decay has (nearly) ended when the budget is spent
+    resumed = Trainer(model, SlowLinearLoss({}), config(tmp_path, **{**settings, "max_minutes": 2 * budget_minutes}))
+    again = resumed.fit()
+    assert again.steps_this_session > 5 and resumed.scheduler.get_last_lr()[0] < 0.15e-2
+    with (tmp_path / "loss.csv").open() as stream:
+        lrs = [float(r["lr"]) for r in csv.DictReader(stream)][summary.step :]
+    assert lrs[0] > 0.2e-2  # the decay is stretched over the doubled budget: half-way, lr ~ lr_peak / 2
+    with pytest.raises(ValueError, match="needs max_minutes"):
+        TrainerConfig(schedule_clock="time")
+    with pytest.raises(ValueError, match="schedule_clock must be one of"):
+        TrainerConfig(schedule_clock="wall", max_minutes=1.0)  # type: ignore[arg-type]
 
 
 def test_resume_keeps_the_gradient_guard_history(tmp_path: Path) -> None:

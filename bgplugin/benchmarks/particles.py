@@ -116,7 +116,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 #: Settings that must match for a run in an existing ``out_dir`` to resume it.
 _TRAINING_KEYS = (
     "system", "objective", "field", "field_hyperparameters", "prior_std", "solver", "steps", "batch_size",
-    "lr", "sigma", "ema_decay", "grad_clip", "schedule", "seed", "max_steps", "train_file",
+    "lr", "sigma", "ema_decay", "grad_clip", "schedule", "schedule_clock", "seed", "max_steps", "train_file",
 )  # fmt: skip
 _SETTINGS_FILE = "bench_settings.json"
 _PROBE_SECONDS = 3.0
@@ -278,7 +278,8 @@ def _resolve_training_settings(
 
     saved = json.loads(saved_path.read_text())
     compare = [k for k in _TRAINING_KEYS if not (k == "max_steps" and requested[k] is None)]
-    changed = [k for k in compare if saved.get(k) != requested[k]]
+    # runs written before the time clock existed used the step clock
+    changed = [k for k in compare if saved.get(k, "steps" if k == "schedule_clock" else None) != requested[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {requested[k]!r}" for k in changed)
         raise ValueError(
@@ -490,6 +491,7 @@ def bench_particles(
     sigma: float = 0.01,
     ema_decay: float | Literal["auto"] | None = "auto",
     grad_clip: float | None = 10.0,
+    schedule_clock: Literal["time", "steps"] = "time",
     device: DeviceSpec = "auto",
     n_threads: int | None = 1,
     resume: bool = True,
@@ -525,8 +527,10 @@ def bench_particles(
     batch_size : int, optional
         Training batch; default DW4 256, LJ13 32, LJ55 16.
     max_steps : int, optional
-        Length of the learning-rate schedule and a step budget; default: the
-        number of steps that fit in ``minutes``, from a few timed steps.
+        Step budget; with ``schedule_clock="steps"`` also the length of the
+        learning-rate schedule. Default: the number of steps that fit in
+        ``minutes`` estimated from a few timed steps (with the time clock the
+        estimate only sets the warm-up and the EMA window, and there is no cap).
     field : {"egnn", "kernel"}
         Vector field.
     hidden, n_layers : int, optional
@@ -543,6 +547,12 @@ def bench_particles(
         weights; ``"auto"``: ``min(0.999, 1 - 20 / max_steps)``, an averaging
         window of about 5 % of the run, so short runs are not dominated by the
         initial weights; ``None``: no EMA), global gradient-norm clip.
+    schedule_clock : {"time", "steps"}
+        ``"time"``: the cosine decay spans the ``minutes`` of training, so it
+        ends when the budget is spent whatever the machine's load (runs are
+        then not identical bit for bit); ``"steps"``: it spans ``max_steps``
+        (reproducible, but a wrong estimate stops training early, before the
+        learning rate has decayed, or leaves time unused).
     device : {"auto", "cpu", "cuda"} or torch.device
         Where the flow trains and is evaluated (energies run on the CPU).
     n_threads : int or None
@@ -584,6 +594,8 @@ def bench_particles(
             raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
     if not reference_tol > 0:
         raise ValueError(f"reference_tol must be > 0, got {reference_tol}")
+    if schedule_clock not in ("time", "steps"):
+        raise ValueError(f"schedule_clock must be 'time' or 'steps', got {schedule_clock!r}")
 
     defaults = _DEFAULTS[system]
     sys_ = get_system(system)
@@ -621,6 +633,7 @@ def bench_particles(
         "ema_decay": ema_decay,
         "grad_clip": grad_clip,
         "schedule": "cosine",
+        "schedule_clock": schedule_clock,
         "warmup_steps": None,
         "seed": seed,
         "max_steps": max_steps,
@@ -649,12 +662,14 @@ def bench_particles(
             settings["warmup_steps"] = min(100, settings["max_steps"] // 10)
             settings["ema_decay_used"] = _ema_decay(ema_decay, settings["max_steps"])
             write_json(out / _SETTINGS_FILE, settings)
+        by_time = schedule_clock == "time"
         config = TrainerConfig(
-            max_steps=settings["max_steps"],
+            max_steps=(max_steps or 10**9) if by_time else settings["max_steps"],
             max_minutes=minutes,
             batch_size=settings["batch_size"],
             lr=lr,
             schedule="cosine",
+            schedule_clock=schedule_clock,
             warmup_steps=settings["warmup_steps"],
             grad_clip=grad_clip,
             ema_decay=settings["ema_decay_used"],

@@ -45,6 +45,7 @@ from bgplugin.training.guard import GradientGuard
 logger = logging.getLogger(__name__)
 
 LRSchedule = Literal["constant", "cosine", "linear"]
+ScheduleClock = Literal["steps", "time"]
 StopReason = Literal["max_steps", "max_minutes", "stop_at"]
 
 CHECKPOINT_FORMAT = "bgplugin.training.checkpoint"
@@ -224,6 +225,15 @@ class TrainerConfig:
         Learning-rate decay after warm-up, from ``lr`` to ``lr * min_lr_factor``.
     warmup_steps : int
         Linear warm-up from 0 to ``lr``.
+    schedule_clock : {"steps", "time"}
+        What the decay after warm-up follows: ``"steps"`` spans ``max_steps``
+        (reproducible bit for bit, also across resumes); ``"time"`` spans
+        ``max_minutes`` of training time (summed over sessions), so a
+        time-budgeted run reaches the end of its decay when the budget is
+        spent, however fast the machine turns out to be, and ``max_steps``
+        is only a cap. With ``"time"`` the learning rate of a step depends on
+        timing, so two runs are not identical. Resuming with a larger
+        ``max_minutes`` stretches the rest of the decay over the new budget.
     min_lr_factor : float
         Final learning rate as a fraction of ``lr``.
     grad_clip : float or None
@@ -267,6 +277,7 @@ class TrainerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: LRSchedule = "cosine"
     warmup_steps: int = 0
+    schedule_clock: ScheduleClock = "steps"
     min_lr_factor: float = 0.0
     grad_clip: float | None = None
     grad_guard: bool = False
@@ -300,6 +311,10 @@ class TrainerConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.schedule not in get_args(LRSchedule):
             raise ValueError(f"schedule must be one of {get_args(LRSchedule)}, got {self.schedule!r}")
+        if self.schedule_clock not in get_args(ScheduleClock):
+            raise ValueError(f"schedule_clock must be one of {get_args(ScheduleClock)}, got {self.schedule_clock!r}")
+        if self.schedule_clock == "time" and self.max_minutes is None:
+            raise ValueError("schedule_clock='time' needs max_minutes (the span of the schedule); set it")
         if not 0.0 <= self.min_lr_factor <= 1.0:
             raise ValueError(f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -309,21 +324,37 @@ class TrainerConfig:
 
 
 class _LearningRateFactor:
-    """Multiplier of the peak learning rate at a step: linear warm-up, then constant/cosine/linear decay."""
+    """Multiplier of the peak learning rate at a step: linear warm-up, then constant/cosine/linear decay.
 
-    def __init__(self, schedule: LRSchedule, max_steps: int, warmup_steps: int, min_factor: float) -> None:
+    With ``budget_seconds`` the decay follows ``elapsed_seconds`` (set by the
+    trainer before each scheduler step) instead of the step count.
+    """
+
+    def __init__(
+        self,
+        schedule: LRSchedule,
+        max_steps: int,
+        warmup_steps: int,
+        min_factor: float,
+        budget_seconds: float | None = None,
+    ) -> None:
         self.schedule = schedule
         self.max_steps = max_steps
         self.warmup_steps = warmup_steps
         self.min_factor = min_factor
+        self.budget_seconds = budget_seconds
+        self.elapsed_seconds = 0.0
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return 1.0
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.budget_seconds is not None:
+            progress = min(1.0, self.elapsed_seconds / self.budget_seconds)
+        else:
+            span = max(1, self.max_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
         return self.min_factor + (1.0 - self.min_factor) * shape
 
@@ -486,10 +517,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            _LearningRateFactor(config.schedule, config.max_steps, config.warmup_steps, config.min_lr_factor),
+        budget = 60.0 * config.max_minutes if config.schedule_clock == "time" else None  # type: ignore[operator]
+        self._lr_factor = _LearningRateFactor(
+            config.schedule, config.max_steps, config.warmup_steps, config.min_lr_factor, budget
         )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = None if config.ema_decay is None else ExponentialMovingAverage(self.parameters, config.ema_decay)
         self.guard = GradientGuard() if config.grad_guard else None
         self.out_dir = None if config.out_dir is None else Path(config.out_dir)
@@ -586,6 +618,7 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update()
                 lr = self.scheduler.get_last_lr()[0]
+                self._lr_factor.elapsed_seconds = elapsed_before + time.perf_counter() - session_start
                 with warnings.catch_warnings():
                     # the schedule follows the step count, also when an update was skipped
                     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
@@ -737,6 +770,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the time clock spans this run's budget: a resumed run given more minutes stretches the rest of the decay
+        if self.config.schedule_clock == "time":
+            self._lr_factor.budget_seconds = 60.0 * self.config.max_minutes  # type: ignore[operator]
+            factor = self._lr_factor(self.scheduler.last_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
         if (state["ema"] is None) != (self.ema is None):
             raise ValueError(
                 f"{path} was written {'with' if state['ema'] is not None else 'without'} EMA but this trainer has "
