@@ -581,9 +581,12 @@ class Trainer:
         consistent = True
         session_start = time.perf_counter()
         elapsed_before = self.elapsed_seconds
+        by_time = self.config.schedule_clock == "time"
+        # with the time clock the bar counts training seconds of the budget (the step count is open-ended)
         bar = tqdm(
-            total=self.config.max_steps,
-            initial=self.step,
+            total=round(60.0 * self.config.max_minutes) if by_time else self.config.max_steps,  # type: ignore[operator]
+            initial=int(self.elapsed_seconds) if by_time else self.step,
+            unit="s" if by_time else "it",
             desc=type(self.objective).__name__,
             disable=not self.config.progress,
             dynamic_ncols=True,
@@ -657,10 +660,14 @@ class Trainer:
                         **output.metrics,
                     }
                 )
-                bar.update(1)
+                if by_time:
+                    bar.update(int(self.elapsed_seconds) - bar.n)
+                else:
+                    bar.update(1)
                 if self.step % self.config.log_every == 0:
                     self._flush_csv()
-                    bar.set_postfix(loss=f"{self._recent_loss():.4g}", refresh=False)
+                    postfix = {"step": self.step} if by_time else {}
+                    bar.set_postfix(**postfix, loss=f"{self._recent_loss():.4g}", refresh=False)
                 if self.step % self.config.checkpoint_every == 0:
                     self._save_outputs()
         except KeyboardInterrupt:
