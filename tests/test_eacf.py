@@ -473,6 +473,23 @@ def test_short_ml_training_on_dw4_lowers_nll() -> None:
     assert after < before - 2.0, (before, after)  # measured: 18.7 -> 14.2 nats after 100 steps
 
 
+def test_train_eacf_time_clock_spans_the_decay_over_the_budget() -> None:
+    system = get_system("dw4")
+    data = torch.as_tensor(load_benchmark("dw4", "train")[:256], dtype=torch.float32)
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+    minutes = 0.02  # 1.2 s
+    history = train_eacf(flow, JointMaximumLikelihood(flow), data=data, steps=10**6, lr=1e-3, batch_size=16,
+                         max_minutes=minutes, schedule_clock="time", progress=False)  # fmt: skip
+    assert 5 < len(history) < 10**6
+    for previous, row in zip(history, history[1:], strict=False):
+        expected = 0.5e-3 * (1.0 + math.cos(math.pi * min(1.0, previous["seconds"] / (60.0 * minutes))))
+        assert row["lr"] == pytest.approx(expected, abs=2e-5)
+    assert history[-1]["lr"] < 0.2e-3
+    with pytest.raises(ValueError, match="needs max_minutes"):
+        train_eacf(flow, JointMaximumLikelihood(flow), data=data, steps=2, schedule_clock="time")
+
+
 def test_reverse_kl_and_fab_steps_are_finite() -> None:
     system = get_system("dw4")
     energy = system.energy()

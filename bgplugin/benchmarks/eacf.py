@@ -161,6 +161,7 @@ def bench_eacf(
     objective: EACFObjective = "ml",
     minutes: float = 10.0,
     max_steps: int | None = None,
+    schedule_clock: Literal["time", "steps"] = "time",
     projection: Literal["spherical", "cartesian", "vector"] = "spherical",
     n_blocks: int | None = None,
     hidden: int | None = None,
@@ -192,8 +193,14 @@ def bench_eacf(
     minutes : float
         Training wall-clock budget.
     max_steps : int, optional
-        Length of the cosine schedule; default: the steps that fit in
-        ``minutes`` (from a short timing probe).
+        Step cap, and with ``schedule_clock="steps"`` the length of the
+        cosine schedule; default: the steps that fit in ``minutes`` (from a
+        short timing probe; with the time clock this estimate only sets the
+        warm-up, and there is no cap).
+    schedule_clock : {"time", "steps"}
+        The cosine decay spans the ``minutes`` of training (``"time"``, the
+        default: it ends when the budget is spent, however loaded the machine)
+        or the step count (``"steps"``: reproducible bit for bit).
     projection, n_blocks, hidden, n_layers, n_aug
         Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer).
     batch_size, lr
@@ -269,9 +276,11 @@ def bench_eacf(
                 per_step = (probe[-1]["seconds"] - probe[0]["seconds"]) / max(1, len(probe) - 1)
                 steps = max(20, int(60.0 * minutes / max(per_step, 1e-3)))
                 logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min", 1e3 * per_step, steps, minutes)
+            cap = steps if schedule_clock == "steps" else (max_steps or 10**9)
             history = train_eacf(
-                flow, train_objective, data=data, steps=steps, lr=lr, batch_size=batch,
-                warmup_steps=min(100, steps // 10), max_minutes=minutes, seed=seed, progress=progress,
+                flow, train_objective, data=data, steps=cap, lr=lr, batch_size=batch,
+                warmup_steps=min(100, steps // 10), max_minutes=minutes, schedule_clock=schedule_clock, seed=seed,
+                progress=progress,
             )  # fmt: skip
             train_seconds = history[-1]["seconds"] if history else 0.0
             flow.eval()
@@ -309,6 +318,7 @@ def bench_eacf(
             "batch_size": batch,
             "lr": lr,
             "minutes": minutes,
+            "schedule_clock": schedule_clock,
             "seed": seed,
             "n_eval_samples": n_samples,
             "n_eval_test": n_test,
@@ -361,7 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", choices=sorted(_DEFAULTS), default="dw4")
     parser.add_argument("--objective", choices=list(get_args(EACFObjective)), default="ml")
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget (10)")
-    parser.add_argument("--max-steps", type=int, help="schedule length (default: what fits in --minutes)")
+    parser.add_argument("--max-steps", type=int, help="step cap; with --schedule-clock steps the schedule length "
+                        "(default: what fits in --minutes, from a timing probe)")
+    parser.add_argument("--schedule-clock", choices=["time", "steps"], default="time",
+                        help="the cosine decay spans --minutes (time, default) or the step count (steps)")
     parser.add_argument("--projection", choices=["spherical", "cartesian", "vector"], default="spherical")
     parser.add_argument("--blocks", type=int, help="coupling blocks (system default)")
     parser.add_argument("--hidden", type=int, help="EGNN width (system default)")
@@ -387,6 +400,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         objective=args.objective,
         minutes=args.minutes,
         max_steps=args.max_steps,
+        schedule_clock=args.schedule_clock,
         projection=args.projection,
         n_blocks=args.blocks,
         hidden=args.hidden,

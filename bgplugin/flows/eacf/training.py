@@ -588,6 +588,7 @@ def train_eacf(
     warmup_steps: int = 0,
     guard: bool = True,
     max_minutes: float | None = None,
+    schedule_clock: Literal["steps", "time"] = "steps",
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
@@ -600,7 +601,7 @@ def train_eacf(
     data : TrainingData, Tensor or ndarray, optional
         Training configurations (batch, n_particles, dim) for objectives that need data.
     steps : int
-        Optimiser steps (also the length of the cosine schedule).
+        Optimiser steps (with the step clock also the length of the cosine schedule).
     lr : float
         Peak learning rate.
     batch_size : int
@@ -615,6 +616,10 @@ def train_eacf(
         Skip/clip outlying gradient norms (:class:`GuardedOptimizer`); False: plain steps.
     max_minutes : float, optional
         Wall-clock budget; training stops at the first step past it.
+    schedule_clock : {"steps", "time"}
+        What the cosine decay after warm-up spans: ``steps`` or
+        ``max_minutes`` (needs it; ``steps`` is then only a cap, and the run
+        is not reproducible bit for bit), as in :class:`bgplugin.training.TrainerConfig`.
     seed : int
         Seed of the minibatches and augmented noise.
     progress : bool
@@ -632,6 +637,10 @@ def train_eacf(
     _check_positive_int("warmup_steps", warmup_steps, 0)
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule_clock not in ("steps", "time"):
+        raise ValueError(f"schedule_clock must be 'steps' or 'time', got {schedule_clock!r}")
+    if schedule_clock == "time" and max_minutes is None:
+        raise ValueError("schedule_clock='time' needs max_minutes (the span of the schedule); set it")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     if objective.requires_data and data is None:
@@ -646,13 +655,19 @@ def train_eacf(
     generator = torch.Generator().manual_seed(seed)
     codes = {"step": 0.0, "clip": 1.0, "skip": 2.0}
     history: list[dict[str, float]] = []
+    budget = None if max_minutes is None else 60.0 * max_minutes
+    by_time = schedule_clock == "time"
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=type(objective).__name__, disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        if max_minutes is not None and time.perf_counter() - start > 60.0 * max_minutes:
+    # with the time clock the bar counts seconds of the budget (the step count is only a cap)
+    bar = tqdm(total=round(budget) if by_time else steps, unit="s" if by_time else "it",  # type: ignore[arg-type]
+               desc=type(objective).__name__, disable=not progress, dynamic_ncols=True)  # fmt: skip
+    for step in range(steps):
+        elapsed = time.perf_counter() - start
+        if budget is not None and elapsed > budget:
             logger.info("time budget of %.1f min reached at step %d", max_minutes, step)
             break
-        factor = _lr_factor(schedule, step, steps, warmup_steps)
+        fraction = elapsed / budget if by_time else None  # type: ignore[operator]
+        factor = _lr_factor(schedule, step, steps, warmup_steps, fraction)
         for group in adam.param_groups:
             group["lr"] = lr * factor
         x1 = weights = None
@@ -679,8 +694,9 @@ def train_eacf(
         row = {"step": float(step + 1), "loss": loss_value, "lr": lr * factor, "grad_norm": report.grad_norm,
                "action": codes[report.action], "seconds": time.perf_counter() - start, **output.metrics}  # fmt: skip
         history.append(row)
+        bar.update(int(row["seconds"]) - bar.n if by_time else 1)
         if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+            bar.set_postfix(**({"step": step + 1} if by_time else {}), loss=f"{loss_value:.4g}", refresh=False)
     bar.close()
     flow.eval()
     skipped = sum(1 for row in history if row["action"] == 2.0)
@@ -690,10 +706,10 @@ def train_eacf(
     return history
 
 
-def _lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
+def _lr_factor(schedule: str, step: int, steps: int, warmup: int, time_fraction: float | None = None) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
+    progress = (step - warmup) / max(1, steps - warmup) if time_fraction is None else time_fraction
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
