@@ -64,6 +64,8 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
             "train.model.n_blocks must be an integer >= 1, got 0",
         ),
         ({"sample": {"density": "exact"}}, "sample.density must be one of"),
+        ({"train": {"schedule_clock": "wall"}}, "train.schedule_clock must be one of"),
+        ({"train": {"grad_guard": "yes"}}, "train.grad_guard"),
     ],
 )
 def test_bad_values_name_the_key(change: dict, message: str) -> None:
@@ -154,7 +156,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
 
 def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: Path) -> None:
     data = tiny_quickstart()
-    data["train"].update(objective="nll", ema_decay=None)
+    data["train"].update(objective="nll", ema_decay=None, schedule_clock="time")
     data["train"]["model"] = {"kind": "eacf", "hidden": 8, "n_layers": 1, "n_blocks": 1, "projection": "spherical",
                               "prior_std": 0.16, "aug_scale": 0.05, "n_bins": 4, "n_marginal": 4,
                               "distinguishable": "all"}  # fmt: skip
@@ -162,7 +164,9 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     out = tmp_path / "run"
     results = run_protocol(data, out, device="cpu", progress=False)
     assert list(results["steps"]) == ["simulate", "train", "sample", "reweight", "profile", "report"]
-    assert results["steps"]["train"]["grad_guard"] is True  # the default for E-ACFs
+    train = results["steps"]["train"]
+    assert train["grad_guard"] is True and train["schedule_clock"] == "time"  # guard: the default for E-ACFs
+    assert train["steps"] == 15  # max_steps caps a time-clock run
     from bgplugin.flows import load_flow
     from bgplugin.flows.eacf import EACF
 

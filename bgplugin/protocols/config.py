@@ -180,6 +180,12 @@ class TrainConfig:
     median and clip above 5x (:class:`bgplugin.training.GradientGuard`);
     ``None`` (default) turns it on for E-ACFs (the paper's optimiser) and
     off for CNFs, whose flow-matching gradients have no such outliers.
+
+    ``schedule_clock``: ``"steps"`` (default) spans the cosine decay over
+    ``max_steps`` (estimated from a timing probe when null), so a rerun with
+    the same seed gives the same flow; ``"time"`` spans it over ``minutes``
+    of training, so it ends when the budget is spent however loaded the
+    machine is (``max_steps`` is then only a cap).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,6 +198,7 @@ class TrainConfig:
     ema_decay: float | None = 0.999
     grad_clip: float | None = 10.0
     grad_guard: bool | None = None
+    schedule_clock: Literal["steps", "time"] = "steps"
     weights: Literal["none", "dataset", "von_mises"] = "none"
     bias_cv: str = "phi"
     bias_mu: float = 1.0

@@ -226,9 +226,11 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
             )  # fmt: skip
     write_json(settings_file, {"max_steps": max_steps, "n_frames": len(training_data)})
     grad_guard = model.kind == "eacf" if train.grad_guard is None else train.grad_guard
+    by_time = train.schedule_clock == "time"
     config = TrainerConfig(
-        max_steps=max_steps, max_minutes=train.minutes, batch_size=min(train.batch_size, len(training_data)),
-        lr=train.lr, schedule="cosine", warmup_steps=min(100, max_steps // 10), grad_clip=train.grad_clip,
+        max_steps=(train.max_steps or 10**9) if by_time else max_steps, max_minutes=train.minutes,
+        batch_size=min(train.batch_size, len(training_data)), lr=train.lr, schedule="cosine",
+        schedule_clock=train.schedule_clock, warmup_steps=min(100, max_steps // 10), grad_clip=train.grad_clip,
         grad_guard=grad_guard, ema_decay=train.ema_decay, seed=protocol.seed,
         checkpoint_every=max(25, max_steps // 20), out_dir=folder, progress=progress,
     )  # fmt: skip
@@ -241,7 +243,8 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
     return {
         "steps": summary.step, "max_steps": max_steps, "stopped_by": summary.stopped_by,
         "final_loss": summary.final_loss, "train_seconds": summary.elapsed_seconds,
-        "grad_guard": grad_guard, "guard_skipped_steps": summary.guard_skipped_steps,
+        "grad_guard": grad_guard, "schedule_clock": train.schedule_clock,
+        "guard_skipped_steps": summary.guard_skipped_steps,
         "guard_clipped_steps": summary.guard_clipped_steps,
         "n_training_frames": len(training_data), "n_parameters": sum(p.numel() for p in flow.parameters()),
         "device": str(flow.device), "flow": str(folder / FLOW_FILE), "loss_plot": str(folder / "loss.png"),
