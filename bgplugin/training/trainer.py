@@ -323,11 +323,12 @@ class TrainerConfig:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
 
-class _LearningRateFactor:
+class LearningRateFactor:
     """Multiplier of the peak learning rate at a step: linear warm-up, then constant/cosine/linear decay.
 
     With ``budget_seconds`` the decay follows ``elapsed_seconds`` (set by the
-    trainer before each scheduler step) instead of the step count.
+    caller before each evaluation) instead of the step count. Used by
+    :class:`Trainer` and by :func:`bgplugin.flows.eacf.training.train_eacf`.
     """
 
     def __init__(
@@ -518,7 +519,7 @@ class Trainer:
             self.parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         budget = 60.0 * config.max_minutes if config.schedule_clock == "time" else None  # type: ignore[operator]
-        self._lr_factor = _LearningRateFactor(
+        self._lr_factor = LearningRateFactor(
             config.schedule, config.max_steps, config.warmup_steps, config.min_lr_factor, budget
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from bgplugin.flows.eacf.model import EACF
 from bgplugin.training.guard import GradientGuard
 from bgplugin.training.likelihood import linlog_cutoff
-from bgplugin.training.trainer import LossOutput, TrainingData, weighted_mean
+from bgplugin.training.trainer import LearningRateFactor, LossOutput, TrainingData, weighted_mean
 
 __all__ = [
     "FABAlpha2",
@@ -657,6 +657,7 @@ def train_eacf(
     history: list[dict[str, float]] = []
     budget = None if max_minutes is None else 60.0 * max_minutes
     by_time = schedule_clock == "time"
+    lr_factor = LearningRateFactor(schedule, steps, warmup_steps, 0.0, budget if by_time else None)
     start = time.perf_counter()
     # with the time clock the bar counts seconds of the budget (the step count is only a cap)
     bar = tqdm(total=round(budget) if by_time else steps, unit="s" if by_time else "it",  # type: ignore[arg-type]
@@ -666,8 +667,8 @@ def train_eacf(
         if budget is not None and elapsed > budget:
             logger.info("time budget of %.1f min reached at step %d", max_minutes, step)
             break
-        fraction = elapsed / budget if by_time else None  # type: ignore[operator]
-        factor = _lr_factor(schedule, step, steps, warmup_steps, fraction)
+        lr_factor.elapsed_seconds = elapsed
+        factor = lr_factor(step)
         for group in adam.param_groups:
             group["lr"] = lr * factor
         x1 = weights = None
@@ -704,12 +705,3 @@ def train_eacf(
     logger.info("trained %d steps in %.1f s (%d skipped, %d clipped)", len(history),
                 time.perf_counter() - start, skipped, clipped)  # fmt: skip
     return history
-
-
-def _lr_factor(schedule: str, step: int, steps: int, warmup: int, time_fraction: float | None = None) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, steps - warmup) if time_fraction is None else time_fraction
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
