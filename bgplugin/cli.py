@@ -66,7 +66,8 @@ def _bench_divergence(args: argparse.Namespace) -> int:
     from bgplugin.fileio import write_json
 
     models = _system_paths(args.model, "--model")
-    result = bench_divergence(tuple(args.systems), models, args.tolerance, args.seed, args.threads)
+    result = bench_divergence(tuple(args.systems), models, args.tolerance, args.seed, args.threads,
+                              compiled=not args.no_compile)
     print(format_divergence(result))
     if args.out:
         print(f"wrote {write_json(args.out, result)}")
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                             default=["dw4", "lj13", "alanine_dipeptide"])  # fmt: skip
     divergence.add_argument("--model", action="append", metavar="SYSTEM=PATH", help="a trained flow to use")
     divergence.add_argument("--tolerance", type=float, help="fewest RK4 steps for the fast path within this (nats)")
+    divergence.add_argument("--no-compile", action="store_true",
+                            help="time the fast path eagerly only (default: also through torch.compile)")
     divergence.add_argument("--threads", type=_positive_int, default=1)
     divergence.add_argument("--seed", type=int, default=0)
     divergence.add_argument("--out", help="write the results as JSON to this file")

@@ -56,7 +56,9 @@ def test_bench_divergence_small(monkeypatch) -> None:
     assert r["samples_per_s_fast"] > 0 and r["samples_per_s_loop"] > 0
     assert r["speedup"] == pytest.approx(r["samples_per_s_fast"] / r["samples_per_s_loop"])
     assert r["logq_max_abs_difference_fast_vs_loop"] < 1e-3  # same model, same steps: same log q
-    assert "ratio" in divergence.format_divergence(result)
+    assert r["compiled"] and r["logq_max_abs_difference_compiled_vs_eager"] < 1e-3  # compiled by default
+    table = divergence.format_divergence(result)
+    assert "ratio" in table and "compile s" in table
 
 
 def test_run_refuses_an_unknown_protocol_with_the_bundled_names(capsys) -> None:

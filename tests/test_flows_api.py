@@ -15,6 +15,7 @@ from bgplugin.flows import (
     MeanFreeGaussian,
     benchmark_divergence,
     build_flow,
+    load_flow,
     mean_free_basis,
     resolve_device,
     select_rk4_steps,
@@ -157,6 +158,69 @@ def test_benchmark_divergence_reports_both_paths() -> None:
     assert result["speedup"] == pytest.approx(result["samples_per_s_fast"] / result["samples_per_s_loop"])
     assert result["logq_max_abs_difference_fast_vs_loop"] < 1e-10  # same model, same steps, both exact
     assert result["logq_max_abs_error_fast"] < 1e-3 and result["logq_max_abs_error_loop"] < 1e-3
+
+
+def _transporting_dw4_flow(dtype: torch.dtype = torch.float32) -> CNF:
+    """A small DW4 EGNN flow whose output weights are redrawn so that it moves points."""
+    torch.manual_seed(0)
+    flow = build_flow(get_system("dw4"), "egnn", hidden=8, n_layers=2, steps=4, device="cpu", dtype=dtype)
+    with torch.no_grad():
+        for layer in flow.field.layers:
+            torch.nn.init.normal_(layer.coordinate_out.weight, std=0.3)
+    return flow
+
+
+def test_compiled_flow_matches_eager_and_training_stays_eager(tmp_path) -> None:
+    from bgplugin.flows import compiled as compiled_module
+
+    flow = _transporting_dw4_flow()
+    fast = flow.with_options(compiled=True)
+    assert fast.options()["compiled"] and not flow.options()["compiled"]
+    x = flow.prior.sample(9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for n in (9, 5, 2):  # one dynamic graph for every batch size >= 2
+            torch.testing.assert_close(fast.log_prob(x[:n]), flow.log_prob(x[:n]), atol=1e-5, rtol=0)
+    assert flow.field not in compiled_module._FAILED  # it really compiled
+    assert (flow.log_prob(x) - flow.prior.log_prob(x)).abs().max() > 1e-2  # the flow is not the identity
+
+    # With autograd on (training), the compiled flow takes the eager path: same gradients.
+    grads = []
+    for model in (flow, fast):
+        model.zero_grad()
+        model.log_prob(x).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager_grad, fast_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(fast_grad, eager_grad)
+    with pytest.raises(RuntimeError, match="inference"):
+        compiled_module.compiled_velocity_and_divergence(flow.field, torch.zeros(2), x[:2])
+
+    fast.save(tmp_path / "flow.pt")
+    assert load_flow(tmp_path / "flow.pt").compiled
+
+    result = benchmark_divergence(flow, 4, batch_size=2, n_samples_loop=2, compiled=True)
+    assert result["compiled"] and result["compile_seconds"] >= 0
+    assert result["logq_max_abs_difference_compiled_vs_eager"] < 1e-4
+    assert result["speedup_eager"] == pytest.approx(result["samples_per_s_eager"] / result["samples_per_s_loop"])
+
+
+def test_compile_failure_falls_back_to_the_eager_path_with_one_warning(monkeypatch, caplog) -> None:
+    from bgplugin.flows import compiled as compiled_module
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(compiled_module, "_COMPILED", [broken])
+    flow = _transporting_dw4_flow(torch.float64)
+    fast = flow.with_options(compiled=True)
+    x = flow.prior.sample(4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="bgplugin.flows.compiled"):
+        first = fast.log_prob(x)
+        second = fast.log_prob(x)
+        expected = flow.log_prob(x)
+    torch.testing.assert_close(first, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(second, expected, atol=1e-12, rtol=0)
+    warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "RuntimeError: no C++ compiler found" in warnings[0].getMessage()
 
 
 def test_select_rk4_steps_meets_the_tolerance() -> None:

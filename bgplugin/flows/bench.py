@@ -69,6 +69,7 @@ def benchmark_divergence(
     batch_size: int | None = None,
     n_samples_loop: int | None = None,
     fast_steps: int | None = None,
+    compiled: bool = False,
     reference_rtol: float = 1e-5,
     reference_atol: float = 1e-5,
     n_threads: int | None = 1,
@@ -93,6 +94,10 @@ def benchmark_divergence(
         RK4 steps for the fast path (e.g. from :func:`select_rk4_steps`);
         default the flow's ``steps``, i.e. equal steps. The loop always uses
         the flow's ``steps``; compare the reported errors for equal accuracy.
+    compiled : bool
+        Time the fast path through ``torch.compile`` (``CNF(compiled=True)``)
+        as well as eagerly; the compilation (one warm-up batch) is timed
+        separately as ``compile_seconds`` and not counted in the rate.
     reference_rtol, reference_atol : float
         Tolerances of the dopri5 reference (exact divergence).
     n_threads : int or None
@@ -113,7 +118,10 @@ def benchmark_divergence(
         ``logq_mean_abs_error_fast`` (versus the reference, nats, over the
         fast samples), the same for ``_loop`` (over the loop samples), and
         ``logq_max_abs_difference_fast_vs_loop`` (same samples, same steps
-        only; None when ``fast_steps`` differs).
+        only; None when ``fast_steps`` differs). With ``compiled``, the
+        ``_fast`` keys describe the compiled path and ``samples_per_s_eager``,
+        ``speedup_eager``, ``compile_seconds`` and
+        ``logq_max_abs_difference_compiled_vs_eager`` are added.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -124,13 +132,18 @@ def benchmark_divergence(
     if n_loop < 1:
         raise ValueError(f"n_samples_loop must be >= 1, got {n_samples_loop}")
     steps_fast = flow.steps if fast_steps is None else fast_steps
-    fast_flow = flow if steps_fast == flow.steps else flow.with_options(steps=steps_fast)
+    eager_flow = flow.with_options(steps=steps_fast, compiled=False)
+    fast_flow = flow.with_options(steps=steps_fast, compiled=compiled)
 
     generator = torch.Generator(device=flow.device).manual_seed(seed)
     with torch_threads(n_threads):
         z = flow.prior.sample(n_samples, generator=generator)
         # Warm-up on one small batch so that one-off costs are not timed.
-        _timed_log_q(fast_flow, z[:1], 1, "exact")
+        _timed_log_q(eager_flow, z[:1], 1, "exact")
+        if compiled:
+            # Two samples: batch sizes 0 and 1 are specialised by torch.compile, 2 gives the dynamic graph.
+            _, compile_seconds = _timed_log_q(fast_flow, z[:2], 2, "exact")
+            log_q_eager, seconds_eager = _timed_log_q(eager_flow, z, batch, "exact")
         log_q_fast, seconds_fast = _timed_log_q(fast_flow, z, batch, "exact")
         log_q_loop, seconds_loop = _timed_log_q(flow, z[:n_loop], batch, "autograd_loop")
         log_q_ref, n_ref = _reference_log_q(flow, z, batch, reference_rtol, reference_atol)
@@ -165,7 +178,16 @@ def benchmark_divergence(
         "logq_max_abs_difference_fast_vs_loop": (
             float((log_q_fast[:n_loop] - log_q_loop).abs().max()) if steps_fast == flow.steps else None
         ),
+        "compiled": compiled,
     }
+    if compiled:
+        result.update(
+            compile_seconds=compile_seconds,
+            seconds_eager=seconds_eager,
+            samples_per_s_eager=n_samples / seconds_eager,
+            speedup_eager=(n_samples / seconds_eager) / (n_loop / seconds_loop),
+            logq_max_abs_difference_compiled_vs_eager=float((log_q_fast - log_q_eager).abs().max()),
+        )
     logger.info(
         "divergence benchmark (%s, n=%d, d=%d): fast %.3g samples/s, loop %.3g samples/s, speedup %.1fx; "
         "max |log q error| fast %.2e, loop %.2e",

@@ -58,6 +58,7 @@ def build_flow(
     divergence: DivergenceMode = "exact",
     n_probes: int = 1,
     adjoint: bool = False,
+    compiled: bool = False,
     chunk_size: int | None = None,
     memory_budget_mb: float = 1024.0,
     device: DeviceSpec = "auto",
@@ -80,7 +81,7 @@ def build_flow(
         :func:`bgplugin.flows.eacf.build_eacf`, the solver options do not apply.
     prior_std : float
         Standard deviation of the mean-free Gaussian prior (length units).
-    solver, steps, atol, rtol, divergence, n_probes, adjoint, chunk_size, memory_budget_mb, device
+    solver, steps, atol, rtol, divergence, n_probes, adjoint, compiled, chunk_size, memory_budget_mb, device
         See :class:`~bgplugin.flows.CNF`.
     dtype : torch.dtype
         Parameter dtype (float32 or float64).
@@ -123,6 +124,7 @@ def build_flow(
         divergence=divergence,
         n_probes=n_probes,
         adjoint=adjoint,
+        compiled=compiled,
         chunk_size=chunk_size,
         memory_budget_mb=memory_budget_mb,
         device=device,
@@ -144,8 +146,8 @@ def _build_eacf(system: SystemLike, arguments: dict[str, Any]) -> EACF:
     from bgplugin.flows.eacf import build_eacf
 
     defaults = inspect.signature(build_flow).parameters
-    cnf_only = ("field", "solver", "steps", "atol", "rtol", "divergence", "n_probes", "adjoint", "chunk_size",
-                "memory_budget_mb")  # fmt: skip
+    cnf_only = ("field", "solver", "steps", "atol", "rtol", "divergence", "n_probes", "adjoint", "compiled",
+                "chunk_size", "memory_budget_mb")  # fmt: skip
     changed = [name for name in cnf_only if arguments[name] != defaults[name].default]
     if changed:
         raise ValueError(f"{changed} are CNF options and do not apply to kind='eacf'; leave them out")

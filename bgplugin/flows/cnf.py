@@ -72,11 +72,14 @@ def resolve_device(device: DeviceSpec) -> torch.device:
 class _Dynamics(nn.Module):
     """Right-hand side ``(v, div)`` of the augmented ODE for torchdiffeq."""
 
-    def __init__(self, field: VectorField, mode: DivergenceMode, probes: Tensor | None) -> None:
+    def __init__(
+        self, field: VectorField, mode: DivergenceMode, probes: Tensor | None, compiled: bool = False
+    ) -> None:
         super().__init__()
         self.field = field
         self.mode = mode
         self.probes = probes
+        self.compiled = compiled
         self.n_evaluations = 0
 
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -85,7 +88,7 @@ class _Dynamics(nn.Module):
         create_graph = torch.is_grad_enabled()
         self.n_evaluations += 1
         if self.mode == "exact" and self.field.has_closed_form_divergence:
-            return closed_form(self.field, t_batch, x, create_graph=create_graph)
+            return closed_form(self.field, t_batch, x, create_graph=create_graph, compiled=self.compiled)
         if self.mode in ("exact", "autograd"):
             return autograd_trace(self.field, t_batch, x, create_graph=create_graph)
         if self.mode == "autograd_loop":
@@ -122,6 +125,13 @@ class CNF(nn.Module):
     adjoint : bool
         Backpropagate with the adjoint method (memory O(1) in the number of
         steps) instead of through the solver's operations.
+    compiled : bool
+        Evaluate the field's closed-form divergence through ``torch.compile``
+        when no gradient is needed (sampling, ``log_prob``, reweighting under
+        ``torch.no_grad()``): same values, 1.5-1.8x faster per step on a CPU
+        for LJ13 and alanine dipeptide EGNNs, after a one-off compilation of
+        about a minute per field and process (see :mod:`bgplugin.flows.compiled`).
+        Training and fields without a closed form are unaffected.
     chunk_size : int or None
         Samples integrated at once; None derives it from ``memory_budget_mb``
         and the field's :meth:`~bgplugin.flows.field.VectorField.memory_per_sample`.
@@ -156,6 +166,7 @@ class CNF(nn.Module):
         n_probes: int = 1,
         probe_distribution: ProbeDistribution = "rademacher",
         adjoint: bool = False,
+        compiled: bool = False,
         chunk_size: int | None = None,
         memory_budget_mb: float = 1024.0,
         device: DeviceSpec = "auto",
@@ -191,6 +202,7 @@ class CNF(nn.Module):
         self.n_probes = int(n_probes)
         self.probe_distribution: ProbeDistribution = probe_distribution
         self.adjoint = bool(adjoint)
+        self.compiled = bool(compiled)
         self.chunk_size = chunk_size
         self.memory_budget_mb = float(memory_budget_mb)
         self.last_n_evaluations = 0
@@ -228,6 +240,7 @@ class CNF(nn.Module):
             "n_probes": self.n_probes,
             "probe_distribution": self.probe_distribution,
             "adjoint": self.adjoint,
+            "compiled": self.compiled,
             "chunk_size": self.chunk_size,
             "memory_budget_mb": self.memory_budget_mb,
         }
@@ -425,7 +438,7 @@ class CNF(nn.Module):
         probes = (
             sample_probes(self.n_probes, x, self.probe_distribution) if mode == "hutchinson" else None
         )
-        dynamics = _Dynamics(self.field, mode, probes)
+        dynamics = _Dynamics(self.field, mode, probes, compiled=self.compiled)
         times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
         state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
         kwargs: dict[str, Any] = {"method": self.solver}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from bgplugin.flows.compiled import compiled_velocity_and_divergence
 from bgplugin.flows.subspace import mean_free_basis
 
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ def _finish(v: Tensor, div: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]
     return (v, div) if create_graph else (v.detach(), div.detach())
 
 
-def closed_form(field: VectorField, t: Tensor, x: Tensor, *, create_graph: bool) -> tuple[Tensor, Tensor]:
+def closed_form(
+    field: VectorField, t: Tensor, x: Tensor, *, create_graph: bool, compiled: bool = False
+) -> tuple[Tensor, Tensor]:
     """Exact divergence from the field's own closed form (no autograd).
 
     Parameters
@@ -63,6 +66,9 @@ def closed_form(field: VectorField, t: Tensor, x: Tensor, *, create_graph: bool)
     x : Tensor, shape (batch, n_particles, dim)
     create_graph : bool
         Keep the result differentiable with respect to parameters and inputs.
+    compiled : bool
+        Evaluate through ``torch.compile`` (:mod:`bgplugin.flows.compiled`);
+        only without ``create_graph``, otherwise ignored.
 
     Returns
     -------
@@ -70,7 +76,17 @@ def closed_form(field: VectorField, t: Tensor, x: Tensor, *, create_graph: bool)
     div : Tensor, shape (batch,)
     """
     with torch.set_grad_enabled(create_graph):
-        return field._velocity_and_divergence(t, x)
+        if compiled and not create_graph:
+
+            def evaluate(t_part: Tensor, x_part: Tensor) -> tuple[Tensor, Tensor]:
+                return compiled_velocity_and_divergence(field, t_part, x_part)
+        else:
+            evaluate = field._velocity_and_divergence
+        block = field._closed_form_block_size()
+        if block is None or x.shape[0] <= block:
+            return evaluate(t, x)
+        parts = [evaluate(t_part, x_part) for t_part, x_part in zip(t.split(block), x.split(block), strict=True)]
+        return torch.cat([v for v, _ in parts]), torch.cat([div for _, div in parts])
 
 
 def autograd_trace(

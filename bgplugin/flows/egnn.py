@@ -386,18 +386,13 @@ class EGNNField(VectorField):
         v = x_l - x
         return (v - v.mean(1, keepdim=True)) * self.length_scale
 
-    def _velocity_and_divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _closed_form_block_size(self) -> int:
         # Blocks of samples keep the (block * n * K, hidden) tangent matrices cache-sized:
         # measured 15-30 % faster on CPU than one large batch.
         k = (self.n_particles - 1) * self.dim
-        block = max(1, self.TANGENT_ROWS_PER_BLOCK // (self.n_particles * k))
-        if x.shape[0] <= block:
-            return self._velocity_and_divergence_block(t, x)
-        blocks = zip(t.split(block), x.split(block), strict=True)
-        parts = [self._velocity_and_divergence_block(t_block, x_block) for t_block, x_block in blocks]
-        return torch.cat([v for v, _ in parts]), torch.cat([div for _, div in parts])
+        return max(1, self.TANGENT_ROWS_PER_BLOCK // (self.n_particles * k))
 
-    def _velocity_and_divergence_block(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _velocity_and_divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         # With y = x / s and v = s * g(y), dv/dx = dg/dy: the trace is taken in y and v scaled back.
         x = x / self.length_scale
         basis = mean_free_basis(self.n_particles, self.dim, x.dtype, x.device)

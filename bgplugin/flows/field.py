@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bgplugin.flows.divergence import autograd_trace
+from bgplugin.flows.divergence import autograd_trace, closed_form
 
 __all__ = ["VectorField", "as_atom_types"]
 
@@ -127,7 +127,7 @@ class VectorField(nn.Module, ABC):
         """
         t_batch = self._check(t, x)
         if self.has_closed_form_divergence:
-            return self._velocity_and_divergence(t_batch, x)
+            return closed_form(self, t_batch, x, create_graph=torch.is_grad_enabled())
         return autograd_trace(self, t_batch, x, create_graph=torch.is_grad_enabled())
 
     @abstractmethod
@@ -152,8 +152,16 @@ class VectorField(nn.Module, ABC):
         """Velocity for validated ``t`` of shape (batch,) and ``x`` of shape (batch, n, dim)."""
 
     def _velocity_and_divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Closed-form velocity and divergence; only called when the class declares one."""
+        """Closed-form velocity and divergence; only called when the class declares one.
+
+        :func:`~bgplugin.flows.divergence.closed_form` calls it on blocks of at
+        most :meth:`_closed_form_block_size` samples.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no closed-form divergence")
+
+    def _closed_form_block_size(self) -> int | None:
+        """Samples per :meth:`_velocity_and_divergence` call (None: the whole batch)."""
+        return None
 
     # -- helpers ------------------------------------------------------------------------------
     def _check(self, t: Tensor | float, x: Tensor) -> Tensor:
