@@ -271,7 +271,7 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
     sizes = {k: min(cfg.chunk_size, cfg.n_samples - k * cfg.chunk_size) for k in todo}
     options = {"density": cfg.density} if protocol.train is not None and protocol.train.model.kind == "eacf" else {}
     jobs = [(str(flow_path), device, protocol.seed * 1_000_003 + k, sizes[k], str(folder / f"chunk_{k:05d}.npz"),
-             options) for k in todo]  # fmt: skip
+             options, cfg.compiled) for k in todo]  # fmt: skip
     workers = 1 if device.startswith("cuda") else min(cfg.n_workers, max(1, len(jobs)))
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="sampling (exact log q)", disable=not progress, unit="chunk")
@@ -306,7 +306,7 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
         else f"marginal estimate, M = {protocol.train.model.n_marginal} draws"  # type: ignore[union-attr]
     )  # fmt: skip
     return {"n_samples": len(x_cat), "samples_per_second": rate, "log_q": log_q_kind, "n_workers": workers,
-            "device": device,
+            "device": device, "compiled": cfg.compiled,
             "samples": str(folder / SAMPLES_FILE)}  # fmt: skip
 
 
@@ -317,12 +317,17 @@ def _single_threaded(env: dict[str, str]) -> None:
     torch.set_num_threads(1)
 
 
-def _sample_chunk(flow_path: str, device: str, seed: int, n: int, out: str, options: dict[str, Any]) -> None:
+def _sample_chunk(
+    flow_path: str, device: str, seed: int, n: int, out: str, options: dict[str, Any], compiled: bool = False
+) -> None:
     """Draw ``n`` samples with log q from the flow in ``flow_path`` and write them to ``out`` atomically.
 
-    ``options`` go to ``flow.sample`` (for an E-ACF: ``density``).
+    ``options`` go to ``flow.sample`` (for an E-ACF: ``density``); ``compiled``
+    switches a CNF to ``torch.compile`` of its divergence.
     """
     flow = load_flow(flow_path, device=device)
+    if compiled:
+        flow = flow.with_options(compiled=True)  # type: ignore[union-attr]
     generator = torch.Generator(device=flow.device).manual_seed(seed)
     with torch.no_grad():
         x, log_q = flow.sample(n, generator=generator, **options)
