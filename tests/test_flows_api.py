@@ -178,8 +178,15 @@ def test_compiled_flow_matches_eager_and_training_stays_eager(tmp_path) -> None:
     assert fast.options()["compiled"] and not flow.options()["compiled"]
     x = flow.prior.sample(9, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for n in (9, 5, 2):  # one dynamic graph for every batch size >= 2
+        for n in (9, 5, 2, 1):  # one dynamic graph for every batch size
             torch.testing.assert_close(fast.log_prob(x[:n]), flow.log_prob(x[:n]), atol=1e-5, rtol=0)
+        # The weights are inputs of the compiled graph, not constants: changing them changes its result.
+        before = fast.log_prob(x)
+        for layer in flow.field.layers:
+            layer.coordinate_out.weight.mul_(1.5)
+        after = fast.log_prob(x)
+        torch.testing.assert_close(after, flow.log_prob(x), atol=1e-5, rtol=0)
+        assert (after - before).abs().max() > 1e-3
     assert flow.field not in compiled_module._FAILED  # it really compiled
     assert (flow.log_prob(x) - flow.prior.log_prob(x)).abs().max() > 1e-2  # the flow is not the identity
 

@@ -5,12 +5,13 @@ chain of small elementwise operations and batched contractions; on a CPU the
 inductor backend fuses them into a few loops, which measured 1.5x (LJ13) to
 1.8x (alanine dipeptide) faster per call. Compilation itself takes about a
 minute per field, so it only pays for long sampling or reweighting runs;
-:class:`~bgplugin.flows.CNF` uses it when built with ``compile=True`` and
+:class:`~bgplugin.flows.CNF` uses it when built with ``compiled=True`` and
 only without autograd (training keeps the eager path).
 
 One compiled function serves every field (the field is an argument, so the
 weights are inputs, not constants: training a field does not trigger a
-recompilation) with dynamic batch sizes. If compilation fails (no C
+recompilation) with dynamic batch sizes: one graph serves every batch size
+(a single sample is evaluated as a duplicated pair). If compilation fails (no C
 compiler, an unsupported backend) the field falls back to the eager path
 with one warning.
 """
@@ -65,6 +66,15 @@ def compiled_velocity_and_divergence(field: VectorField, t: Tensor, x: Tensor) -
         raise RuntimeError("the compiled closed form is for inference; call it under torch.no_grad()")
     if field in _FAILED:
         return field._velocity_and_divergence(t, x)
+    # Fresh contiguous inputs: the guards compare strides, and views of earlier blocks made them fail.
+    t, x = t.clone(memory_format=torch.contiguous_format), x.clone(memory_format=torch.contiguous_format)
+    if x.shape[0] == 1:
+        # torch.compile specialises batch size 1; a duplicated sample reuses the graph of every other size.
+        v, div = compiled_velocity_and_divergence(field, t.repeat(2), x.repeat(2, 1, 1))
+        return v[:1], div[:1]
+    # One graph for every batch size >= 2 from the first call (dynamic=True alone specialises the first size).
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(t, 0)
     try:
         return _compiled()(field, t, x)
     except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the exact eager path
