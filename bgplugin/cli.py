@@ -122,6 +122,7 @@ def _bench_particles(args: argparse.Namespace) -> int:
         device=args.device,
         lr=5e-4 if args.lr is None else args.lr,
         schedule_clock=args.schedule_clock,
+        num_workers=args.num_workers,
     )
     print(format_particles(result))
     if args.out:
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         particles.add_argument("--schedule-clock", choices=["time", "steps"], default="time",
                                help="cnf: the cosine decay spans --minutes of training (time, default) or the "
                                     "step count estimated from a timing probe (steps)")
+        particles.add_argument("--num-workers", type=_nonnegative_int, default=0,
+                               help="cnf: processes that pair training batches beside the training process (0)")
         particles.add_argument("--seed", type=int, default=0)
         particles.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         particles.set_defaults(func=_bench_particles)
@@ -274,6 +277,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 

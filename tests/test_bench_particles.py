@@ -218,3 +218,10 @@ def test_lj55_without_data_names_the_missing_files(tmp_path: Path) -> None:
 def test_unknown_objective_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="objective must be one of"):
         bench_particles("dw4", "kl", 0.1, tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_num_workers_is_refused_before_anything_is_written(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        bench_particles("dw4", "ot", 0.1, tmp_path / "out", num_workers=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
