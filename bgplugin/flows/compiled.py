@@ -81,7 +81,7 @@ def compiled_velocity_and_divergence(field: VectorField, t: Tensor, x: Tensor) -
         _FAILED.add(field)
         logger.warning(
             "torch.compile of the %s field's divergence failed (%s: %s); using the eager path. "
-            "Build the flow with compile=False to silence this.",
+            "Build the flow with compiled=False to silence this.",
             field.kind,
             type(error).__name__,
             str(error).splitlines()[0] if str(error) else "",
