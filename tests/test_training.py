@@ -603,3 +603,21 @@ def test_real_cnf_reverse_kl_widens_towards_a_wider_gaussian() -> None:
     assert median_spread() > before + 3.0
     assert summary.skipped_steps == 0
     assert summary.final_loss < trainer._history[0][1] - 0.5
+
+
+def test_long_run_bars_refresh_rarely_when_stderr_is_a_file(monkeypatch) -> None:
+    """A redirected log gets a bar line every 30 s, a terminal every 0.1 s (tqdm's default)."""
+    import io
+    import sys
+
+    from bgplugin.progress import REDIRECTED_INTERVAL, bar_mininterval
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert bar_mininterval() == REDIRECTED_INTERVAL == 30.0
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert bar_mininterval() == 0.1

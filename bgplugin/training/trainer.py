@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bgplugin.fileio import atomic_write
+from bgplugin.progress import bar_mininterval
 from bgplugin.training.guard import GradientGuard
 
 logger = logging.getLogger(__name__)
@@ -591,6 +592,7 @@ class Trainer:
             desc=type(self.objective).__name__,
             disable=not self.config.progress,
             dynamic_ncols=True,
+            mininterval=bar_mininterval(),
         )
         batches = iter(self._loader(self.step, end))
         try:

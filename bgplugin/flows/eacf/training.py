@@ -46,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bgplugin.flows.eacf.model import EACF
+from bgplugin.progress import bar_mininterval
 from bgplugin.training.guard import GradientGuard
 from bgplugin.training.likelihood import linlog_cutoff
 from bgplugin.training.trainer import LearningRateFactor, LossOutput, TrainingData, weighted_mean
@@ -661,7 +662,8 @@ def train_eacf(
     start = time.perf_counter()
     # with the time clock the bar counts seconds of the budget (the step count is only a cap)
     bar = tqdm(total=round(budget) if by_time else steps, unit="s" if by_time else "it",  # type: ignore[arg-type]
-               desc=type(objective).__name__, disable=not progress, dynamic_ncols=True)  # fmt: skip
+               desc=type(objective).__name__, disable=not progress, dynamic_ncols=True,
+               mininterval=bar_mininterval())  # fmt: skip
     for step in range(steps):
         elapsed = time.perf_counter() - start
         if budget is not None and elapsed > budget:
