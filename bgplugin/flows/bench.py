@@ -141,7 +141,7 @@ def benchmark_divergence(
         # Warm-up on one small batch so that one-off costs are not timed.
         _timed_log_q(eager_flow, z[:1], 1, "exact")
         if compiled:
-            # Two samples: batch sizes 0 and 1 are specialised by torch.compile, 2 gives the dynamic graph.
+            # The first call compiles the one dynamic graph that every batch size then uses.
             _, compile_seconds = _timed_log_q(fast_flow, z[:2], 2, "exact")
             log_q_eager, seconds_eager = _timed_log_q(eager_flow, z, batch, "exact")
         log_q_fast, seconds_fast = _timed_log_q(fast_flow, z, batch, "exact")

@@ -13,6 +13,7 @@ products instead of :math:`nd`.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -76,12 +77,8 @@ def closed_form(
     div : Tensor, shape (batch,)
     """
     with torch.set_grad_enabled(create_graph):
-        if compiled and not create_graph:
-
-            def evaluate(t_part: Tensor, x_part: Tensor) -> tuple[Tensor, Tensor]:
-                return compiled_velocity_and_divergence(field, t_part, x_part)
-        else:
-            evaluate = field._velocity_and_divergence
+        use_compiled = compiled and not create_graph
+        evaluate = partial(compiled_velocity_and_divergence, field) if use_compiled else field._velocity_and_divergence
         block = field._closed_form_block_size()
         if block is None or x.shape[0] <= block:
             return evaluate(t, x)
