@@ -426,6 +426,72 @@ def test_interface_and_save_load(tmp_path) -> None:
         EACF([0, 0], 2, projection="polar", device="cpu")  # type: ignore[arg-type]
 
 
+def test_compiled_flow_equals_the_eager_flow_in_training_and_sampling(tmp_path) -> None:
+    """EACF(compiled=True): same joint densities, gradients, samples and marginal estimates as the eager flow.
+
+    One test, since each compiled graph (training, sampling, densities) costs about a minute on a CPU.
+    """
+    from bgplugin.flows import compiled as compiled_module
+
+    flow = _flow("spherical", 2, n_blocks=1, hidden=8)
+    fast = flow.with_options(compiled=True)
+    assert fast.compiled and not flow.compiled and fast.blocks is flow.blocks
+    x, a = _joint_sample(flow, 6)
+    optimizer = torch.optim.SGD(flow.parameters(), lr=0.05)
+    for round_ in range(2):  # the second round after a weight change: the weights are graph inputs
+        grads, losses = [], []
+        for model in (flow, fast):
+            model.zero_grad()
+            log_q, aux = model.log_prob_joint_and_aux(x, a)
+            loss = aux.mean() - log_q.mean()
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-10)
+        for eager_grad, fast_grad in zip(*grads, strict=True):
+            torch.testing.assert_close(fast_grad, eager_grad, rtol=1e-8, atol=1e-10)
+        if round_ == 0:
+            optimizer.step()
+    with torch.no_grad():
+        for n in (5, 1):  # every batch size, one sample included
+            eager_sample = flow.sample_joint(n, generator=torch.Generator().manual_seed(4))
+            fast_sample = fast.sample_joint(n, generator=torch.Generator().manual_seed(4))
+            for eager_value, fast_value in zip(eager_sample, fast_sample, strict=True):
+                torch.testing.assert_close(fast_value, eager_value, rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                fast.log_prob(x[:n], n_marginal=3, generator=torch.Generator().manual_seed(5)),
+                flow.log_prob(x[:n], n_marginal=3, generator=torch.Generator().manual_seed(5)),
+                rtol=0, atol=1e-10,
+            )  # fmt: skip
+    coupling = fast.blocks[0].x_update
+    assert all(coupling not in call.failed for call in compiled_module._COUPLING.values())  # it really compiled
+    fast.save(tmp_path / "flow.pt")
+    assert load_flow(tmp_path / "flow.pt", device="cpu").compiled
+    with pytest.raises(ValueError, match="unknown options"):
+        flow.with_options(n_blocks=3)
+    with pytest.raises(ValueError, match="compiled must be True or False"):
+        flow.with_options(compiled="yes")
+
+
+def test_compile_failure_falls_back_to_the_eager_coupling_with_one_warning(monkeypatch, caplog) -> None:
+    from bgplugin.flows import compiled as compiled_module
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    for call in compiled_module._COUPLING.values():
+        monkeypatch.setattr(call, "compiled", broken)
+        monkeypatch.setattr(call, "warned", False)
+    flow = _flow("vector", 2, n_blocks=2, hidden=8)
+    fast = flow.with_options(compiled=True)
+    x, a = _joint_sample(flow, 4)
+    with caplog.at_level("WARNING", logger="bgplugin.flows.compiled"):
+        for _ in range(2):
+            torch.testing.assert_close(fast.log_prob_joint(x, a), flow.log_prob_joint(x, a), rtol=0, atol=0)
+    warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "RuntimeError: no C++ compiler found" in warnings[0].getMessage()
+
+
 def test_gradients_reach_every_parameter() -> None:
     flow = _flow("spherical", 3, n_aug=2)
     x, a = _joint_sample(flow, 8)
@@ -532,9 +598,10 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     load_benchmark("dw4", "test")  # skips without the data
     result = bench_eacf(
         "dw4", tmp_path / "run", minutes=1.0, max_steps=3, n_blocks=1, hidden=8, n_marginal=2, n_eval_samples=64,
-        n_eval_test=64, n_speed_samples=64, n_cnf_speed_samples=2, progress=False,
+        n_eval_test=64, n_speed_samples=64, n_cnf_speed_samples=2, progress=False, compiled=False,
     )  # fmt: skip
     assert result["training"]["steps"] == 3
+    assert result["settings"]["flow"]["compiled"] is False and result["compile_seconds"] == 0.0
     for key in ("nll", "ess", "ess_joint", "forward_ess"):
         assert math.isfinite(result[key]), key
     assert result["nll_with_prior_constant"] - result["nll"] == pytest.approx(5.514, abs=1e-3)

@@ -187,7 +187,7 @@ def test_compiled_flow_matches_eager_and_training_stays_eager(tmp_path) -> None:
         after = fast.log_prob(x)
         torch.testing.assert_close(after, flow.log_prob(x), atol=1e-5, rtol=0)
         assert (after - before).abs().max() > 1e-3
-    assert flow.field not in compiled_module._FAILED  # it really compiled
+    assert flow.field not in compiled_module._FIELD.failed  # it really compiled
     assert (flow.log_prob(x) - flow.prior.log_prob(x)).abs().max() > 1e-2  # the flow is not the identity
 
     # With autograd on (training), the compiled flow takes the eager path: same gradients.
@@ -216,7 +216,8 @@ def test_compile_failure_falls_back_to_the_eager_path_with_one_warning(monkeypat
     def broken(*_: object) -> None:
         raise RuntimeError("no C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(compiled_module, "_COMPILED", [broken])
+    monkeypatch.setattr(compiled_module._FIELD, "compiled", broken)
+    monkeypatch.setattr(compiled_module._FIELD, "warned", False)
     flow = _transporting_dw4_flow(torch.float64)
     fast = flow.with_options(compiled=True)
     x = flow.prior.sample(4, generator=torch.Generator().manual_seed(2))

@@ -167,6 +167,7 @@ def bench_eacf(
     hidden: int | None = None,
     n_layers: int | None = None,
     n_aug: int = 1,
+    compiled: bool = True,
     batch_size: int | None = None,
     lr: float = 1e-3,
     n_marginal: int = 20,
@@ -203,6 +204,11 @@ def bench_eacf(
         or the step count (``"steps"``: reproducible bit for bit).
     projection, n_blocks, hidden, n_layers, n_aug
         Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer).
+    compiled : bool
+        Train and evaluate through ``torch.compile`` (``EACF(compiled=True)``;
+        the CNF it is timed against then too). Compilation happens in an
+        untimed warm-up before the training budget starts; its wall time is
+        reported as ``compile_seconds``.
     batch_size, lr
         Per-step batch and peak learning rate (Adam, cosine decay, gradient guard).
     n_marginal : int
@@ -247,6 +253,7 @@ def bench_eacf(
         "n_layers": defaults["n_layers"] if n_layers is None else n_layers,
         "n_aug": n_aug,
         "n_marginal": n_marginal,
+        "compiled": compiled,
     }
     batch = defaults["batch_size"] if batch_size is None else batch_size
     out = Path(out_dir)
@@ -268,14 +275,19 @@ def bench_eacf(
                 train_objective = FABAlpha2(flow, energy, batch_size=batch, buffer_size=200 * batch,
                                             min_buffer=min(20 * batch, 200 * batch))  # fmt: skip
             steps = max_steps
-            if steps is None:
+            compile_seconds = 0.0
+            if steps is None or compiled:
+                # timing probe (lr ~ 0); its first step compiles the training graph of a compiled flow
                 probe = train_eacf(
                     flow, train_objective, data=data, steps=_PROBE_STEPS, lr=1e-12, batch_size=batch,
                     schedule="constant", seed=seed + 1, progress=False,
                 )  # fmt: skip
                 per_step = (probe[-1]["seconds"] - probe[0]["seconds"]) / max(1, len(probe) - 1)
-                steps = max(20, int(60.0 * minutes / max(per_step, 1e-3)))
-                logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min", 1e3 * per_step, steps, minutes)
+                compile_seconds = max(0.0, probe[0]["seconds"] - per_step) if compiled else 0.0
+                if steps is None:
+                    steps = max(20, int(60.0 * minutes / max(per_step, 1e-3)))
+                logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min (compilation %.0f s)",
+                            1e3 * per_step, steps, minutes, compile_seconds)  # fmt: skip
             cap = steps if schedule_clock == "steps" else (max_steps or 10**9)
             history = train_eacf(
                 flow, train_objective, data=data, steps=cap, lr=lr, batch_size=batch,
@@ -293,6 +305,7 @@ def bench_eacf(
                 sys_, "egnn", device="cpu", **defaults["cnf"])  # fmt: skip
             if not isinstance(cnf, CNF):
                 raise ValueError(f"cnf_model {cnf_model!s} is not a CNF (got {type(cnf).__name__})")
+            cnf = cnf.with_options(compiled=compiled)
             speed = _speed(flow, cnf, n_speed_samples, n_cnf_speed_samples, n_marginal)
         threads = torch.get_num_threads()
 
@@ -304,6 +317,7 @@ def bench_eacf(
         **metrics,
         "speed": speed,
         "train_seconds": train_seconds,
+        "compile_seconds": compile_seconds,
         "eval_seconds": eval_seconds,
         "n_parameters": sum(p.numel() for p in flow.parameters()),
         "training": {
@@ -350,7 +364,9 @@ def format_eacf(result: dict[str, Any]) -> str:
         f"{flow['n_layers']} EGNN layers, {flow['n_aug']} augmented), {result['n_parameters']} parameters, "
         f"objective {result['objective']}",
         f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (batch {s['batch_size']}, lr {s['lr']:g}; "
-        f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped)",
+        f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped; "
+        + (f"compiled, {result.get('compile_seconds', 0.0):.0f} s of compilation before the budget)"
+           if flow.get("compiled") else "eager)"),
         f"NLL (M={v['n_marginal']}), prior constant excluded: {result['nll']:.3f} +- {result['nll_stderr']:.3f}",
         f"NLL with prior constant (+{result['prior_constant']:.3f}): {result['nll_with_prior_constant']:.3f}; "
         f"joint bound {result['joint_nll_with_prior_constant']:.3f}",
@@ -380,6 +396,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, help="EGNN width (system default)")
     parser.add_argument("--layers", type=int, help="EGNN layers per conditioner (system default)")
     parser.add_argument("--n-aug", type=int, default=1, help="augmented variables (1)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="train and sample eagerly (default: torch.compile the coupling layers and the CNF)")
     parser.add_argument("--batch-size", type=int, help="batch per step (system default)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--marginal-draws", type=int, default=20, help="M of the marginal log q estimate (20)")
@@ -406,6 +424,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         hidden=args.hidden,
         n_layers=args.layers,
         n_aug=args.n_aug,
+        compiled=not args.no_compile,
         batch_size=args.batch_size,
         lr=args.lr,
         n_marginal=args.marginal_draws,

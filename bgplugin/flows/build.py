@@ -77,8 +77,8 @@ def build_flow(
     kind : {"cnf", "eacf"}
         ``"cnf"``: a continuous normalizing flow (default). ``"eacf"``: an
         equivariant augmented coupling flow, :class:`bgplugin.flows.eacf.EACF`;
-        ``prior_std``, ``device``, ``dtype`` and ``**hyperparameters`` go to
-        :func:`bgplugin.flows.eacf.build_eacf`, the solver options do not apply.
+        ``prior_std``, ``compiled``, ``device``, ``dtype`` and ``**hyperparameters``
+        go to :func:`bgplugin.flows.eacf.build_eacf`, the solver options do not apply.
     prior_std : float
         Standard deviation of the mean-free Gaussian prior (length units).
     solver, steps, atol, rtol, divergence, n_probes, adjoint, compiled, chunk_size, memory_budget_mb, device
@@ -146,8 +146,8 @@ def _build_eacf(system: SystemLike, arguments: dict[str, Any]) -> EACF:
     from bgplugin.flows.eacf import build_eacf
 
     defaults = inspect.signature(build_flow).parameters
-    cnf_only = ("field", "solver", "steps", "atol", "rtol", "divergence", "n_probes", "adjoint", "compiled",
-                "chunk_size", "memory_budget_mb")  # fmt: skip
+    cnf_only = ("field", "solver", "steps", "atol", "rtol", "divergence", "n_probes", "adjoint", "chunk_size",
+                "memory_budget_mb")  # fmt: skip
     changed = [name for name in cnf_only if arguments[name] != defaults[name].default]
     if changed:
         raise ValueError(f"{changed} are CNF options and do not apply to kind='eacf'; leave them out")
@@ -156,6 +156,7 @@ def _build_eacf(system: SystemLike, arguments: dict[str, Any]) -> EACF:
         prior_std=arguments["prior_std"],
         device=arguments["device"],
         dtype=arguments["dtype"],
+        compiled=arguments["compiled"],
         **arguments["hyperparameters"],
     )
 

@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from bgplugin.fileio import atomic_write
 from bgplugin.flows.cnf import DeviceSpec, resolve_device
+from bgplugin.flows.compiled import compiled_coupling
 from bgplugin.flows.eacf.egnn import MultiChannelEGNN
 from bgplugin.flows.eacf.projections import (
     ProjectionKind,
@@ -119,8 +120,18 @@ class _Coupling(nn.Module):
             length_scale=length_scale,
         )
 
-    def forward(self, target: Tensor, condition: Tensor, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the new target (B, n, T, d), the log-determinant (B,) and the auxiliary loss (B,)."""
+    def forward(
+        self, target: Tensor, condition: Tensor, inverse: bool, compiled: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the new target (B, n, T, d), the log-determinant (B,) and the auxiliary loss (B,).
+
+        ``compiled``: through :func:`bgplugin.flows.compiled.compiled_coupling` (same values).
+        """
+        if compiled:
+            return compiled_coupling(self, target, condition, inverse)
+        return self._transform(target, condition, inverse)
+
+    def _transform(self, target: Tensor, condition: Tensor, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
         batch, n, _, dim = target.shape
         vectors, params = self.conditioner(condition)
         vectors = vectors.reshape(batch, n, self.n_target, self.n_transforms, 1 + self.n_reference, dim)
@@ -193,6 +204,11 @@ class EACF(nn.Module):
     chunk_size : int
         Largest number of joint configurations pushed through the flow at once
         (marginal estimates use ``batch * M`` of them).
+    compiled : bool
+        Run the coupling layers through ``torch.compile`` (training included;
+        same densities up to round-off). A training step measured 1.6x (DW4)
+        to 2.5x (LJ13) faster on a CPU, after about a minute of compilation
+        per direction; see :mod:`bgplugin.flows.compiled`.
     device : {"auto", "cpu", "cuda"} or torch.device
 
     Notes
@@ -223,6 +239,7 @@ class EACF(nn.Module):
         prior_std: float = 1.0,
         n_marginal: int = 20,
         chunk_size: int = 8192,
+        compiled: bool = False,
         device: DeviceSpec = "auto",
     ) -> None:
         super().__init__()
@@ -237,6 +254,8 @@ class EACF(nn.Module):
         ):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(compiled, bool):
+            raise ValueError(f"compiled must be True or False, got {compiled!r}")
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 0:
             raise ValueError(f"n_layers must be an integer >= 0, got {n_layers!r}")
         if n_bins < 2 and projection != "cartesian":
@@ -265,6 +284,7 @@ class EACF(nn.Module):
         self.base_aug_scale = float(base_aug_scale)
         self.n_marginal = int(n_marginal)
         self.chunk_size = int(chunk_size)
+        self.compiled = compiled
         self.prior = MeanFreeGaussian(types.numel(), dim, prior_std)
         common: dict[str, Any] = {
             "atom_types": types, "dim": dim, "projection": projection, "n_transforms": n_transforms,
@@ -324,7 +344,29 @@ class EACF(nn.Module):
             "prior_std": self.prior.std,
             "n_marginal": self.n_marginal,
             "chunk_size": self.chunk_size,
+            "compiled": self.compiled,
         }
+
+    def with_options(self, **changes: Any) -> EACF:
+        """An E-ACF sharing this flow's parameters, with run-time options changed.
+
+        Parameters
+        ----------
+        **changes
+            ``compiled``, ``n_marginal`` or ``chunk_size``.
+
+        Returns
+        -------
+        EACF
+            Shares parameters with ``self`` (no copy).
+        """
+        options = ("compiled", "n_marginal", "chunk_size")
+        unknown = sorted(set(changes) - set(options))
+        if unknown:
+            raise ValueError(f"unknown options {unknown}; valid options are {list(options)}")
+        flow = EACF(**{**self.config(), **changes}, device=self.device).to(self.dtype)  # validates the values
+        flow.blocks, flow.prior = self.blocks, self.prior
+        return flow
 
     # -- densities of the augmented variables ----------------------------------------------------
     def _gaussian_aug_log_prob(self, a: Tensor, x: Tensor, scale: float) -> Tensor:
@@ -389,16 +431,16 @@ class EACF(nn.Module):
         if not inverse:
             for block in blocks:
                 x, a = centre_of_mass_shift(x, a, "a")
-                x_new, ld, aux_x = block.x_update(x.unsqueeze(2), a, inverse=False)
+                x_new, ld, aux_x = block.x_update(x.unsqueeze(2), a, False, self.compiled)
                 x, a = centre_of_mass_shift(x_new.squeeze(2), a, "x")
-                a, ld_a, aux_a = block.a_update(a, x.unsqueeze(2), inverse=False)
+                a, ld_a, aux_a = block.a_update(a, x.unsqueeze(2), False, self.compiled)
                 log_det = log_det + ld + ld_a
                 aux = aux + aux_x + aux_a
         else:
             for block in reversed(blocks):
-                a, ld_a, aux_a = block.a_update(a, x.unsqueeze(2), inverse=True)
+                a, ld_a, aux_a = block.a_update(a, x.unsqueeze(2), True, self.compiled)
                 x, a = centre_of_mass_shift(x, a, "a")
-                x_new, ld, aux_x = block.x_update(x.unsqueeze(2), a, inverse=True)
+                x_new, ld, aux_x = block.x_update(x.unsqueeze(2), a, True, self.compiled)
                 x, a = centre_of_mass_shift(x_new.squeeze(2), a, "x")
                 log_det = log_det + ld + ld_a
                 aux = aux + aux_x + aux_a

@@ -49,7 +49,7 @@ from bgplugin.flows.eacf.model import EACF
 from bgplugin.progress import bar_mininterval
 from bgplugin.training.guard import GradientGuard
 from bgplugin.training.likelihood import linlog_cutoff
-from bgplugin.training.trainer import LearningRateFactor, LossOutput, TrainingData, weighted_mean
+from bgplugin.training.trainer import LearningRateFactor, LossOutput, TrainingData, adamw, weighted_mean
 
 __all__ = [
     "FABAlpha2",
@@ -649,9 +649,7 @@ def train_eacf(
     if not objective.requires_data and data is not None:
         raise ValueError(f"{type(objective).__name__} uses no training data; pass data=None")
     training = None if data is None else (data if isinstance(data, TrainingData) else TrainingData(data))
-    adam = torch.optim.AdamW(
-        [p for p in flow.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=True
-    )
+    adam = adamw([p for p in flow.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     optimizer = GuardedOptimizer(adam) if guard else None
     generator = torch.Generator().manual_seed(seed)
     codes = {"step": 0.0, "clip": 1.0, "skip": 2.0}
