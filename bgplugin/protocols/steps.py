@@ -191,11 +191,12 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
             flow = build_flow(
                 system, kind="eacf", prior_std=model.prior_std, device=device, hidden=model.hidden,
                 n_layers=model.n_layers, projection=model.projection, n_blocks=model.n_blocks, n_aug=model.n_aug,
-                aug_scale=model.aug_scale, n_bins=model.n_bins, n_marginal=model.n_marginal,
+                aug_scale=model.aug_scale, n_bins=model.n_bins, n_marginal=model.n_marginal, compiled=model.compiled,
             )  # fmt: skip
         else:
             flow = build_flow(
-                system, model.field, prior_std=model.prior_std, steps=model.solver_steps, device=device,
+                system, model.field, prior_std=model.prior_std, steps=model.solver_steps, compiled=model.compiled,
+                device=device,
                 **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry,
                     "length_scale": model.length_scale} if model.field == "egnn" else {}),
             )  # fmt: skip

@@ -30,7 +30,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, get_args
 
@@ -944,7 +944,10 @@ def probe_max_steps(
         max_steps=probe_steps, max_minutes=probe_seconds / 60.0, batch_size=batch_size, lr=lr, seed=seed,
         progress=False, out_dir=None,
     )  # fmt: skip
-    summary = Trainer(copy.deepcopy(model), objective, config, data).fit()
+    probe = copy.deepcopy(model)
+    # one untimed step first: allocations, and the torch.compile of a compiled E-ACF (a minute or more)
+    Trainer(probe, objective, replace(config, max_steps=1, max_minutes=None), data).fit()
+    summary = Trainer(probe, objective, config, data).fit()
     per_step = summary.elapsed_seconds / max(1, summary.steps_this_session)
     steps = max(10, int(margin * 60.0 * minutes / per_step))
     logger.info("timing probe: %.1f ms per step -> max_steps %d for %.2f min", 1e3 * per_step, steps, minutes)
