@@ -123,6 +123,7 @@ def _bench_particles(args: argparse.Namespace) -> int:
         lr=5e-4 if args.lr is None else args.lr,
         schedule_clock=args.schedule_clock,
         num_workers=args.num_workers,
+        compiled=not args.no_compile,
     )
     print(format_particles(result))
     if args.out:
@@ -149,7 +150,7 @@ def _bench_particles_eacf(args: argparse.Namespace) -> int:
     options = parser.parse_args([])
     options.system, options.objective, options.minutes = args.benchmark, _EACF_OBJECTIVES[objective], args.minutes
     options.out_dir = args.out_dir or f"runs/bench_eacf_{args.benchmark}_{options.objective}"
-    options.eval_samples, options.seed = args.eval_samples, args.seed
+    options.eval_samples, options.seed, options.no_compile = args.eval_samples, args.seed, args.no_compile
     if args.lr is not None:
         options.lr = args.lr
     result = bench_eacf_from_args(options)
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "step count estimated from a timing probe (steps)")
         particles.add_argument("--num-workers", type=_nonnegative_int, default=0,
                                help="cnf: processes that pair training batches beside the training process (0)")
+        particles.add_argument("--no-compile", action="store_true",
+                               help="train and evaluate eagerly (default: torch.compile the CNF's field, or the "
+                                    "E-ACF's coupling layers)")
         particles.add_argument("--seed", type=int, default=0)
         particles.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         particles.set_defaults(func=_bench_particles)

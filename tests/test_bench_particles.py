@@ -41,6 +41,7 @@ SMALL = {
     "max_steps": 5000,
     "progress": False,
     "seed": 3,
+    "compiled": False,  # compilation is tested in tests/test_training.py and tests/test_flows_api.py
 }
 MINUTES = 0.05  # 3 s
 

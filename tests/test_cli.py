@@ -105,6 +105,10 @@ def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tm
         main(["bench", "lj13", "--model", "eacf", "--objective", "fab", "--minutes", "3", "--seed", "4"])
     assert seen["system"] == "lj13" and seen["objective"] == "fab" and seen["minutes"] == 3.0 and seen["seed"] == 4
     assert seen["out_dir"] == "runs/bench_eacf_lj13_fab" and seen["projection"] == "spherical"
+    assert seen["no_compile"] is False
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--model", "eacf", "--no-compile"])
+    assert seen["no_compile"] is True
     with pytest.raises(SystemExit, match="flow matching, which trains CNFs"):
         main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
     with pytest.raises(SystemExit, match="add --model eacf"):

@@ -493,6 +493,7 @@ def bench_particles(
     grad_clip: float | None = 10.0,
     schedule_clock: Literal["time", "steps"] = "time",
     num_workers: int = 0,
+    compiled: bool = True,
     device: DeviceSpec = "auto",
     n_threads: int | None = 1,
     resume: bool = True,
@@ -554,6 +555,13 @@ def bench_particles(
         then not identical bit for bit); ``"steps"``: it spans ``max_steps``
         (reproducible, but a wrong estimate stops training early, before the
         learning rate has decayed, or leaves time unused).
+    compiled : bool
+        Build the CNF with ``compiled=True``: flow-matching training regresses
+        the field through ``torch.compile`` (a step 2.4x faster for LJ13, no
+        faster for DW4 at batch 256) and evaluation integrates the exact
+        divergence through it (1.6-1.9x). Compilation happens in the
+        untimed warm-up step of the timing probe (``max_steps=None``) or in
+        the first training step.
     num_workers : int
         Processes that build (pair) training batches while the network
         trains (:class:`~bgplugin.training.TrainerConfig` ``num_workers``; the
@@ -604,6 +612,8 @@ def bench_particles(
         raise ValueError(f"schedule_clock must be 'time' or 'steps', got {schedule_clock!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if not isinstance(compiled, bool):
+        raise ValueError(f"compiled must be True or False, got {compiled!r}")
 
     defaults = _DEFAULTS[system]
     sys_ = get_system(system)
@@ -651,7 +661,7 @@ def bench_particles(
     with torch_threads(n_threads):
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left alone
             torch.manual_seed(seed)
-            flow = build_flow(sys_, field, steps=steps, device=device, **hyper)
+            flow = build_flow(sys_, field, steps=steps, compiled=compiled, device=device, **hyper)
         train_objective = _make_objective(objective, flow, sys_, sigma)
         data = TrainingData(x_train)
         saved, resumed = _resolve_training_settings(out, requested, resume)
@@ -744,6 +754,7 @@ def bench_particles(
             "device_requested": str(device),
             "n_threads": n_threads,
             "num_workers": num_workers,
+            "compiled": compiled,
             "n_eval_samples": n_samples,
             "n_eval_test": n_test,
             "n_integration_samples": n_check,
@@ -809,7 +820,8 @@ def format_particles(result: dict[str, Any]) -> str:
         f"{result['system'].upper()}, objective {result['objective']}, {s['field']} ({hyper}), "
         f"{result['n_parameters']} parameters, {result['device']}",
         f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (stopped by {t['stopped_by']}"
-        f"{', resumed' if t['resumed'] else ''}), batch {s['batch_size']}, final loss {loss}",
+        f"{', resumed' if t['resumed'] else ''}), batch {s['batch_size']}, final loss {loss}"
+        f"{', torch.compile' if s.get('compiled') else ', eager'}",
         row("metric", "this run", "published"),
         row("NLL, prior constant excluded", f"{result['nll']:.3f} ± {result['nll_stderr']:.3f}", published("nll")),
         row(f"NLL, with prior constant (+{pc:.3f})", f"{result['nll_with_prior_constant']:.3f}",

@@ -131,7 +131,11 @@ class CNF(nn.Module):
         ``torch.no_grad()``): same values, 1.5-1.8x faster per step on a CPU
         for LJ13 and alanine dipeptide EGNNs, after a one-off compilation of
         about a minute per field and process (see :mod:`bgplugin.flows.compiled`).
-        Training and fields without a closed form are unaffected.
+        Flow-matching training (:class:`bgplugin.training.FlowMatching`)
+        then regresses the field through ``torch.compile`` too (a step 2.4x
+        faster for LJ13 at batch 32, no faster for DW4 at batch 256).
+        Likelihood training and fields without a closed form (for the
+        divergence) are unaffected.
     chunk_size : int or None
         Samples integrated at once; None derives it from ``memory_budget_mb``
         and the field's :meth:`~bgplugin.flows.field.VectorField.memory_per_sample`.

@@ -7,6 +7,11 @@ contractions; on a CPU the inductor backend fuses them into a few loops.
   exact divergence of a CNF field, for inference only (:class:`~bgplugin.flows.CNF`
   built with ``compiled=True`` uses it without autograd; training keeps the
   eager path). Measured 1.5x (LJ13) to 1.8x (alanine dipeptide) per call.
+- :func:`compiled_velocity`: a CNF field's velocity with autograd, for
+  flow-matching training of a CNF built with ``compiled=True``. A training
+  step (forward, backward, EGNN L3 h32) measured 2.4x faster for LJ13 at
+  batch 32 and no faster for DW4 at batch 256, whose step is dominated by
+  matrix products.
 - :func:`compiled_coupling`: one coupling layer of an E-ACF, with autograd
   (training) or without (sampling, densities); used by an
   :class:`~bgplugin.flows.eacf.EACF` built with ``compiled=True``. A
@@ -27,7 +32,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +40,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from bgplugin.flows.field import VectorField
 
-__all__ = ["compiled_coupling", "compiled_velocity_and_divergence"]
+__all__ = ["compiled_coupling", "compiled_velocity", "compiled_velocity_and_divergence"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +48,30 @@ logger = logging.getLogger(__name__)
 class _CompiledCall:
     """``function(module, *tensors)`` through one lazily made ``torch.compile``, eager per module if that fails.
 
-    Every tensor argument and every output has the batch on dimension 0.
+    Every tensor argument and every output (a tensor or a tuple of them) has the batch on dimension 0.
     """
 
-    def __init__(self, function: Callable[..., tuple[Tensor, ...]], what: str, differentiable: bool) -> None:
+    def __init__(self, function: Callable[..., Any], what: str, inputs_require_grad: bool) -> None:
         self.function = function
         self.what = what
-        self.differentiable = differentiable
-        self.compiled: Callable[..., tuple[Tensor, ...]] | None = None
+        self.inputs_require_grad = inputs_require_grad
+        self.compiled: Callable[..., Any] | None = None
         self.failed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.warned = False
 
-    def __call__(self, module: nn.Module, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, module: nn.Module, *tensors: Tensor) -> Any:
         if module in self.failed:
             return self.function(module, *tensors)
         # Fresh contiguous inputs: the guards compare strides, and views of earlier blocks made them fail.
         tensors = tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
-        if self.differentiable and torch.is_grad_enabled():
+        if self.inputs_require_grad and torch.is_grad_enabled():
             # One training graph whether or not an input carries a gradient (earlier layers' outputs do, data does
             # not): the guards compare requires_grad. The unused input gradient is cheap.
             tensors = tuple(t if t.requires_grad else t.requires_grad_() for t in tensors)
         if tensors[0].shape[0] == 1:
             # torch.compile specialises batch size 1; a duplicated sample reuses the graph of every other size.
             doubled = self(module, *(t.expand(2, *t.shape[1:]) for t in tensors))
-            return tuple(out[:1] for out in doubled)
+            return doubled[:1] if isinstance(doubled, Tensor) else tuple(out[:1] for out in doubled)
         # One graph for every batch size >= 2 from the first call (dynamic=True alone specialises the first size).
         for t in tensors:
             torch._dynamo.mark_dynamic(t, 0)
@@ -93,6 +98,10 @@ def _velocity_and_divergence(field: VectorField, t: Tensor, x: Tensor) -> tuple[
     return field._velocity_and_divergence(t, x)
 
 
+def _velocity(field: VectorField, t: Tensor, x: Tensor) -> Tensor:
+    return field(t, x)
+
+
 def _coupling_forward(coupling: nn.Module, target: Tensor, condition: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return coupling._transform(target, condition, inverse=False)  # type: ignore[operator]
 
@@ -101,10 +110,13 @@ def _coupling_inverse(coupling: nn.Module, target: Tensor, condition: Tensor) ->
     return coupling._transform(target, condition, inverse=True)  # type: ignore[operator]
 
 
-_FIELD = _CompiledCall(_velocity_and_divergence, "field's divergence", differentiable=False)
+_FIELD = _CompiledCall(_velocity_and_divergence, "field's divergence", inputs_require_grad=False)
+_VELOCITY = _CompiledCall(_velocity, "field", inputs_require_grad=False)
 # one function per direction: each gets dynamo's own recompilation budget
-_COUPLING = {False: _CompiledCall(_coupling_forward, "E-ACF coupling layer", differentiable=True),
-             True: _CompiledCall(_coupling_inverse, "E-ACF coupling layer (inverse)", differentiable=True)}  # fmt: skip
+_COUPLING = {
+    False: _CompiledCall(_coupling_forward, "E-ACF coupling layer", inputs_require_grad=True),
+    True: _CompiledCall(_coupling_inverse, "E-ACF coupling layer (inverse)", inputs_require_grad=True),
+}
 
 
 def compiled_velocity_and_divergence(field: VectorField, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,6 +139,24 @@ def compiled_velocity_and_divergence(field: VectorField, t: Tensor, x: Tensor) -
         raise RuntimeError("the compiled closed form is for inference; call it under torch.no_grad()")
     v, div = _FIELD(field, t, x)
     return v, div
+
+
+def compiled_velocity(field: VectorField, t: Tensor, x: Tensor) -> Tensor:
+    """``field(t, x)`` through ``torch.compile`` (eager if that fails), differentiable: flow-matching training.
+
+    Parameters
+    ----------
+    field : VectorField
+    t : Tensor, shape (batch,)
+    x : Tensor, shape (batch, n_particles, dim)
+
+    Returns
+    -------
+    Tensor, shape (batch, n_particles, dim)
+        The velocity, as the eager call up to round-off; with autograd on, the backward pass is compiled too.
+    """
+    velocity: Tensor = _VELOCITY(field, t, x)
+    return velocity
 
 
 def compiled_coupling(

@@ -39,13 +39,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bgplugin.flows.compiled import compiled_velocity
 from bgplugin.training.pairing import Pairing, PairingMethod
 from bgplugin.training.trainer import LossOutput, weighted_mean
 
@@ -128,7 +131,7 @@ def sample_conditional_path(x0: Tensor, x1: Tensor, t: Tensor, eps: Tensor, sigm
 
 
 def conditional_flow_matching_loss(
-    field: nn.Module,
+    field: nn.Module | Callable[[Tensor, Tensor], Tensor],
     x0: Tensor,
     x1: Tensor,
     t: Tensor,
@@ -143,7 +146,7 @@ def conditional_flow_matching_loss(
 
     Parameters
     ----------
-    field : nn.Module
+    field : nn.Module or callable
         Vector field, called as ``field(t, x)`` with ``t`` of shape (batch,)
         and ``x`` of shape (batch, n_particles, dim).
     x0, x1, t, eps, sigma
@@ -273,8 +276,11 @@ class FlowMatching:
             return x.to(device=reference.device, dtype=reference.dtype)
 
         weights = None if batch.weights is None else to_model(batch.weights)
+        # a CNF built with compiled=True regresses its field through torch.compile (same loss, same gradients)
+        velocity = partial(compiled_velocity, field) if getattr(model, "compiled", False) is True else field
         loss = conditional_flow_matching_loss(
-            field, to_model(batch.x0), to_model(batch.x1), to_model(batch.t), to_model(batch.eps), self.sigma, weights
+            velocity, to_model(batch.x0), to_model(batch.x1), to_model(batch.t), to_model(batch.eps), self.sigma,
+            weights,
         )
         metrics = {"pair_distance": batch.pair_distance}
         if self.pairing.method != "none":
