@@ -100,6 +100,18 @@ def _bench_sampling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_training(args: argparse.Namespace) -> int:
+    from bgplugin.benchmarks.training_step import bench_training_step, format_training_step
+    from bgplugin.fileio import write_json
+
+    result = bench_training_step(tuple(args.systems), tuple(args.models), compiled=not args.no_compile,
+                                 n_steps=args.steps, seed=args.seed, n_threads=args.threads)  # fmt: skip
+    print(format_training_step(result))
+    if args.out:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
+
+
 def _bench_particles(args: argparse.Namespace) -> int:
     from bgplugin.benchmarks.particles import bench_particles, format_particles
     from bgplugin.fileio import write_json
@@ -216,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--out", help="write the results as JSON to this file")
     sampling.set_defaults(func=_bench_sampling)
+    training = bench_sub.add_parser("training", help="seconds per training step: eager vs torch.compile, one run")
+    training.add_argument("--systems", nargs="+", choices=["dw4", "lj13", "alanine_dipeptide"],
+                          default=["dw4", "lj13", "alanine_dipeptide"])
+    training.add_argument("--models", nargs="+", choices=["eacf", "cnf"], default=["eacf", "cnf"])
+    training.add_argument("--steps", type=_positive_int, default=20, help="timed steps per variant (20)")
+    training.add_argument("--no-compile", action="store_true", help="time the eager step only")
+    training.add_argument("--threads", type=_positive_int, default=1)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--out", help="write the results as JSON to this file")
+    training.set_defaults(func=_bench_training)
     for name in ("dw4", "lj13", "lj55"):
         particles = bench_sub.add_parser(name, help=f"train and evaluate a CNF on the published {name.upper()} splits")
         particles.add_argument("--model", choices=["cnf", "eacf"], default="cnf",

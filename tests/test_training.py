@@ -647,3 +647,27 @@ def test_long_run_bars_refresh_rarely_when_stderr_is_a_file(monkeypatch) -> None
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert bar_mininterval() == 0.1
+
+
+def test_bench_training_step_times_eager_and_compiled_steps() -> None:
+    from bgplugin.benchmarks.training_step import bench_training_step, format_training_step
+
+    eager = bench_training_step(("dw4",), ("eacf", "cnf"), compiled=False, n_steps=1, n_warmup=1,
+                                batch_sizes={"dw4": {"eacf": 8, "cnf": 8}})  # fmt: skip
+    assert [(row["model"], row["batch_size"]) for row in eager["results"]] == [("eacf", 8), ("cnf", 8)]
+    for row in eager["results"]:
+        assert row["eager_seconds_per_step"] > 0 and math.isfinite(row["loss_eager"])
+        assert row["compiled_seconds_per_step"] is None and row["speedup"] is None
+    result = bench_training_step(("dw4",), ("cnf",), n_steps=2, n_warmup=1, batch_sizes={"dw4": {"cnf": 8}})
+    row = result["results"][0]
+    assert row["compile_seconds"] > 0 and row["speedup"] == pytest.approx(
+        row["eager_seconds_per_step"] / row["compiled_seconds_per_step"]
+    )
+    assert abs(row["loss_compiled"] - row["loss_eager"]) < 1e-5  # the same step, compiled
+    assert "dw4" in format_training_step(result) and result["machine"]["cpu_count"] >= 1
+    with pytest.raises(ValueError, match="unknown systems"):
+        bench_training_step(("lj55",))
+    with pytest.raises(ValueError, match="unknown models"):
+        bench_training_step(("dw4",), ("kernel",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_steps must be an integer"):
+        bench_training_step(("dw4",), n_steps=0)
