@@ -557,8 +557,8 @@ def bench_particles(
         learning rate has decayed, or leaves time unused).
     compiled : bool
         Build the CNF with ``compiled=True``: flow-matching training regresses
-        the field through ``torch.compile`` (a step 2.4x faster for LJ13, no
-        faster for DW4 at batch 256) and evaluation integrates the exact
+        the field through ``torch.compile`` (a step 1.6x faster for LJ13 and
+        1.5x for DW4, ``bgplugin bench training``) and evaluation integrates the exact
         divergence through it (1.6-1.9x). Compilation happens in the
         untimed warm-up step of the timing probe (``max_steps=None``) or in
         the first training step.

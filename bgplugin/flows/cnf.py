@@ -132,8 +132,8 @@ class CNF(nn.Module):
         for LJ13 and alanine dipeptide EGNNs, after a one-off compilation of
         about a minute per field and process (see :mod:`bgplugin.flows.compiled`).
         Flow-matching training (:class:`bgplugin.training.FlowMatching`)
-        then regresses the field through ``torch.compile`` too (a step 2.4x
-        faster for LJ13 at batch 32, no faster for DW4 at batch 256).
+        then regresses the field through ``torch.compile`` too (a step 1.6x
+        faster for LJ13 at batch 32, 1.5x for DW4 at batch 256).
         Likelihood training and fields without a closed form (for the
         divergence) are unaffected.
     chunk_size : int or None

@@ -9,14 +9,13 @@ contractions; on a CPU the inductor backend fuses them into a few loops.
   eager path). Measured 1.5x (LJ13) to 1.8x (alanine dipeptide) per call.
 - :func:`compiled_velocity`: a CNF field's velocity with autograd, for
   flow-matching training of a CNF built with ``compiled=True``. A training
-  step (forward, backward, EGNN L3 h32) measured 2.4x faster for LJ13 at
-  batch 32 and no faster for DW4 at batch 256, whose step is dominated by
-  matrix products.
+  step (loss, backward, AdamW; EGNN L3 h32) measured 1.6x faster for LJ13
+  at batch 32, 1.5x for DW4 at batch 256 (``bgplugin bench training``).
 - :func:`compiled_coupling`: one coupling layer of an E-ACF, with autograd
   (training) or without (sampling, densities); used by an
   :class:`~bgplugin.flows.eacf.EACF` built with ``compiled=True``. A
-  training step (forward, backward) measured 1.6x (DW4), 2.5x (LJ13) and
-  1.7x (22 atoms) faster.
+  training step (loss, backward, AdamW) measured 1.6x (DW4, LJ13) and
+  1.3x (22 atoms) faster.
 
 Compilation itself takes about a minute per function and mode, so it pays for
 long runs only. One compiled function serves every module of a kind (the

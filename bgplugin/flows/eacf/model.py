@@ -206,8 +206,8 @@ class EACF(nn.Module):
         (marginal estimates use ``batch * M`` of them).
     compiled : bool
         Run the coupling layers through ``torch.compile`` (training included;
-        same densities up to round-off). A training step measured 1.6x (DW4)
-        to 2.5x (LJ13) faster on a CPU, after about a minute of compilation
+        same densities up to round-off). A training step measured 1.3x (22
+        atoms) to 1.6x (DW4, LJ13) faster on a CPU, after about a minute of compilation
         per direction; see :mod:`bgplugin.flows.compiled`.
     device : {"auto", "cpu", "cuda"} or torch.device
 
