@@ -24,11 +24,10 @@ from torch import nn
 
 from bgplugin.benchmarks.common import machine_record
 from bgplugin.benchmarks.divergence import MODELS as CNF_MODELS
-from bgplugin.benchmarks.sampling import EACF_SIZES
+from bgplugin.benchmarks.sampling import EACF_SIZES, _system
 from bgplugin.flows import build_flow
 from bgplugin.flows.bench import torch_threads
 from bgplugin.flows.eacf.training import JointMaximumLikelihood
-from bgplugin.systems import get_system
 from bgplugin.training import FlowMatching
 from bgplugin.training.trainer import adamw
 
@@ -45,10 +44,6 @@ BATCH_SIZES: dict[str, dict[str, int]] = {
     "lj13": {"eacf": 64, "cnf": 32},
     "alanine_dipeptide": {"eacf": 64, "cnf": 64},
 }
-
-
-def _system(name: str) -> Any:
-    return get_system(name, distinguishable="all") if name == "alanine_dipeptide" else get_system(name)
 
 
 def _flow(name: str, model: StepModel, seed: int) -> nn.Module:

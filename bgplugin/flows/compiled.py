@@ -61,16 +61,16 @@ class _CompiledCall:
     def __call__(self, module: nn.Module, *tensors: Tensor) -> Any:
         if module in self.failed:
             return self.function(module, *tensors)
+        if tensors[0].shape[0] == 1:
+            # torch.compile specialises batch size 1; a duplicated sample reuses the graph of every other size.
+            doubled = self(module, *(t.expand(2, *t.shape[1:]) for t in tensors))
+            return doubled[:1] if isinstance(doubled, Tensor) else tuple(out[:1] for out in doubled)
         # Fresh contiguous inputs: the guards compare strides, and views of earlier blocks made them fail.
         tensors = tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
         if self.inputs_require_grad and torch.is_grad_enabled():
             # One training graph whether or not an input carries a gradient (earlier layers' outputs do, data does
             # not): the guards compare requires_grad. The unused input gradient is cheap.
             tensors = tuple(t if t.requires_grad else t.requires_grad_() for t in tensors)
-        if tensors[0].shape[0] == 1:
-            # torch.compile specialises batch size 1; a duplicated sample reuses the graph of every other size.
-            doubled = self(module, *(t.expand(2, *t.shape[1:]) for t in tensors))
-            return doubled[:1] if isinstance(doubled, Tensor) else tuple(out[:1] for out in doubled)
         # One graph for every batch size >= 2 from the first call (dynamic=True alone specialises the first size).
         for t in tensors:
             torch._dynamo.mark_dynamic(t, 0)

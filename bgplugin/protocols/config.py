@@ -151,7 +151,8 @@ class ModelConfig:
     ``compiled``: build the flow with ``compiled=True`` (saved with it):
     an E-ACF trains and samples through ``torch.compile`` (a training step
     1.3-1.6x faster on a CPU after a minute or two of compilation); a CNF
-    evaluates its exact divergence through it when sampling and reweighting.
+    regresses its field through it in flow matching and evaluates its exact
+    divergence through it when sampling and reweighting.
     """
 
     kind: Literal["cnf", "eacf"] = "cnf"

@@ -945,7 +945,7 @@ def probe_max_steps(
         progress=False, out_dir=None,
     )  # fmt: skip
     probe = copy.deepcopy(model)
-    # one untimed step first: allocations, and the torch.compile of a compiled E-ACF (a minute or more)
+    # one untimed step first: allocations, and the torch.compile of a compiled flow (a minute or more)
     Trainer(probe, objective, replace(config, max_steps=1, max_minutes=None), data).fit()
     summary = Trainer(probe, objective, config, data).fit()
     per_step = summary.elapsed_seconds / max(1, summary.steps_this_session)
