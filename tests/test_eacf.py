@@ -467,6 +467,12 @@ def test_compiled_flow_equals_the_eager_flow_in_training_and_sampling(tmp_path) 
     assert all(coupling not in call.failed for call in compiled_module._COUPLING.values())  # it really compiled
     fast.save(tmp_path / "flow.pt")
     assert load_flow(tmp_path / "flow.pt", device="cpu").compiled
+    eager_again = load_flow(tmp_path / "flow.pt", device="cpu", compiled=False)  # the saved option overridden
+    assert not eager_again.compiled and eager_again.dtype == torch.float64
+    torch.testing.assert_close(eager_again.log_prob_joint(x[:3], a[:3]), flow.log_prob_joint(x[:3], a[:3]))
+    assert not load_flow(tmp_path / "flow.pt", compiled=True).with_options(compiled=False).compiled
+    with pytest.raises(ValueError, match="compiled must be True, False or None"):
+        load_flow(tmp_path / "flow.pt", compiled="no")
     with pytest.raises(ValueError, match="unknown options"):
         flow.with_options(n_blocks=3)
     with pytest.raises(ValueError, match="compiled must be True or False"):
@@ -571,6 +577,37 @@ def test_reverse_kl_and_fab_steps_are_finite() -> None:
     assert len(fab.buffer) >= 64
 
 
+def test_fab_replay_buffer_is_checkpointed_and_restored(tmp_path) -> None:
+    """A resumed FAB run continues with the replay buffer and adapted step sizes of the checkpoint."""
+    from bgplugin.training import Trainer, TrainerConfig
+
+    system = get_system("dw4")
+    energy = system.energy()
+
+    def run(max_steps: int, resume: bool) -> tuple[FABAlpha2, Trainer]:
+        torch.manual_seed(0)
+        flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+        fab = FABAlpha2(flow, energy, batch_size=16, n_intermediate=2, n_leapfrog=2, buffer_size=96, min_buffer=32,
+                        updates_per_ais=2)  # fmt: skip
+        config = TrainerConfig(max_steps=max_steps, batch_size=16, lr=1e-4, grad_guard=True, checkpoint_every=2,
+                               progress=False, out_dir=tmp_path / "fab")  # fmt: skip
+        trainer = Trainer(flow, fab, config, None)
+        trainer.fit(resume=resume)
+        return fab, trainer
+
+    first, _ = run(4, resume=False)
+    assert len(first.buffer) >= 32
+    saved = first.state_dict()
+    second, trainer = run(4, resume=True)  # finished: loads the checkpoint and trains no further
+    assert trainer.step == 4
+    assert len(second.buffer) == len(first.buffer) and second.step_sizes == first.step_sizes
+    for name in ("x", "a", "log_w", "log_q"):
+        torch.testing.assert_close(getattr(second.buffer, name), saved["buffer"][name])
+    fresh = FABAlpha2(trainer.model, energy, batch_size=16, n_intermediate=3)
+    with pytest.raises(ValueError, match="n_intermediate"):
+        fresh.load_state_dict(saved)
+
+
 def test_fab_ais_targets_p_squared_over_q() -> None:
     """On a Gaussian target with an untrained flow, AIS with HMC towards p^2/q has a higher ESS than q alone."""
     flow = EACF([0, 0, 0], 2, n_blocks=1, hidden=8, n_layers=1, device="cpu").double()
@@ -611,7 +648,23 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
         assert math.isfinite(speed[key]) and speed[key] > 0, key
     assert speed["ratio_joint_vs_cnf"] == pytest.approx(speed["eacf_joint_samples_per_s"] / speed["cnf_samples_per_s"])
     assert (tmp_path / "run" / "result.json").is_file() and (tmp_path / "run" / "flow.pt").is_file()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "loss.csv").is_file()
+    assert result["training"]["resumed"] is False
     assert "E-ACF" in format_eacf(result)
+
+    # the same command again resumes the finished run: no further steps, the same flow evaluated again
+    options = {"minutes": 1.0, "max_steps": 3, "n_blocks": 1, "hidden": 8, "n_marginal": 2, "n_eval_samples": 64,
+               "n_eval_test": 64, "n_speed_samples": 64, "n_cnf_speed_samples": 2, "progress": False,
+               "compiled": False}  # fmt: skip
+    again = bench_eacf("dw4", tmp_path / "run", **options)
+    assert again["training"]["resumed"] is True and again["training"]["steps"] == 3
+    assert again["nll"] == pytest.approx(result["nll"], abs=0.5)  # same weights; the marginal estimate is random
+    with pytest.raises(ValueError, match="different training settings"):
+        bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})
+    with pytest.raises(ValueError, match="ema_decay"):
+        bench_eacf("dw4", tmp_path / "other", **{**options, "ema_decay": 1.5})
+    fresh = bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3, "ema_decay": 0.9}, resume=False)
+    assert fresh["training"]["resumed"] is False and fresh["training"]["ema_decay"] == 0.9
 
 
 def test_objectives_run_in_the_package_trainer() -> None:

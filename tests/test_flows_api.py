@@ -203,6 +203,8 @@ def test_compiled_flow_matches_eager_and_training_stays_eager(tmp_path) -> None:
 
     fast.save(tmp_path / "flow.pt")
     assert load_flow(tmp_path / "flow.pt").compiled
+    assert not load_flow(tmp_path / "flow.pt", compiled=False).compiled  # the saved option overridden
+    assert load_flow(tmp_path / "flow.pt", compiled=False).options() == {**fast.options(), "compiled": False}
 
     result = benchmark_divergence(flow, 4, batch_size=2, n_samples_loop=2, compiled=True)
     assert result["compiled"] and result["compile_seconds"] >= 0

@@ -146,6 +146,28 @@ def test_sample_chunk_compiled_matches_eager(tmp_path: Path) -> None:
         assert np.ptp(eager["log_q"]) > 0
 
 
+def test_sample_chunk_compiled_false_overrides_a_flow_trained_compiled(tmp_path: Path, monkeypatch) -> None:
+    """sample.compiled: false samples eagerly even when the saved flow has compiled=True."""
+    from bgplugin.flows import build_flow
+    from bgplugin.flows import compiled as compiled_module
+    from bgplugin.protocols.steps import _sample_chunk
+    from bgplugin.systems import get_system
+
+    torch.manual_seed(0)
+    flow = build_flow(get_system("dw4"), "egnn", hidden=8, n_layers=2, steps=4, device="cpu", compiled=True)
+    flow.save(tmp_path / "flow.pt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiled divergence was called although sample.compiled is false")
+
+    monkeypatch.setattr(compiled_module, "_FIELD", refuse)
+    _sample_chunk(str(tmp_path / "flow.pt"), "cpu", 7, 4, str(tmp_path / "eager.npz"), {}, False)
+    with np.load(tmp_path / "eager.npz") as eager:
+        assert eager["x"].shape == (4, 4, 2) and np.isfinite(eager["log_q"]).all()
+    with pytest.raises(AssertionError, match="compiled divergence was called"):
+        _sample_chunk(str(tmp_path / "flow.pt"), "cpu", 7, 4, str(tmp_path / "fast.npz"), {}, True)
+
+
 def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run_protocol(tiny_quickstart(), out, device="cpu", stop_after="simulate", progress=False)

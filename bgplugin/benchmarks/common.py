@@ -1,15 +1,22 @@
-"""What every benchmark records about where and how it ran."""
+"""What every benchmark records about where and how it ran, and how a training benchmark resumes."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 import bgplugin
+
+#: Where a training benchmark keeps the settings its checkpoint was written with.
+SETTINGS_FILE = "bench_settings.json"
 
 
 def machine_record() -> dict[str, Any]:
@@ -31,3 +38,61 @@ def machine_record() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "bgplugin": bgplugin.__version__,
     }
+
+
+def resolve_training_settings(
+    out: Path, requested: dict[str, Any], resume: bool, keys: Iterable[str], what: str
+) -> tuple[dict[str, Any] | None, bool]:
+    """Saved settings of a resumable training benchmark in ``out`` (checked against ``requested``), or None.
+
+    Parameters
+    ----------
+    out : Path
+        The benchmark's output folder (``checkpoint.pt`` and :data:`SETTINGS_FILE`).
+    requested : dict
+        This call's settings.
+    resume : bool
+        False: start over whatever ``out`` holds.
+    keys : iterable of str
+        Settings that must match to resume (``max_steps`` only when requested).
+    what : str
+        The benchmark's name, for the error messages.
+
+    Returns
+    -------
+    saved : dict or None
+        The settings file of the run to resume, or None to start a new run.
+    resumed : bool
+    """
+    saved_path = out / SETTINGS_FILE
+    if not (resume and (out / "checkpoint.pt").is_file()):
+        return None, False
+    if not saved_path.is_file():
+        raise ValueError(
+            f"{out} has a checkpoint.pt but no {SETTINGS_FILE}, so it is not a {what} run that can be "
+            "resumed; use another out_dir or pass resume=False to overwrite it"
+        )
+    saved = json.loads(saved_path.read_text())
+    compare = [k for k in keys if not (k == "max_steps" and requested[k] is None)]
+    # runs written before the time clock existed used the step clock
+    changed = [k for k in compare if saved.get(k, "steps" if k == "schedule_clock" else None) != requested[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {requested[k]!r}" for k in changed)
+        raise ValueError(
+            f"{out} holds a run with different training settings ({detail}); use another out_dir, "
+            "pass resume=False to start over, or repeat the original settings to resume"
+        )
+    return saved, True
+
+
+def auto_ema_decay(ema_decay: float | Literal["auto"] | None, max_steps: int) -> float | None:
+    """The EMA decay a run uses: ``"auto"`` averages over about 5 % of the run, at most 1000 steps."""
+    if ema_decay == "auto":
+        return min(0.999, max(0.0, 1.0 - 20.0 / max_steps)) or None
+    return ema_decay
+
+
+@contextmanager
+def nothing() -> Iterator[None]:
+    """A context that does nothing (in place of EMA-averaged parameters when there is no EMA)."""
+    yield

@@ -34,13 +34,19 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 
-from bgplugin.benchmarks.common import machine_record
+from bgplugin.benchmarks.common import (
+    SETTINGS_FILE,
+    auto_ema_decay,
+    machine_record,
+    nothing,
+    resolve_training_settings,
+)
 from bgplugin.benchmarks.particles import (
     evaluation_subset,
     forward_ess,
@@ -52,8 +58,9 @@ from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, build_flow, load_flow
 from bgplugin.flows.bench import torch_threads
 from bgplugin.flows.eacf import EACF
-from bgplugin.flows.eacf.training import FABAlpha2, JointMaximumLikelihood, JointReverseKL, train_eacf
+from bgplugin.flows.eacf.training import FABAlpha2, JointMaximumLikelihood, JointReverseKL
 from bgplugin.systems import System, get_system
+from bgplugin.training import Trainer, TrainerConfig, TrainingData
 
 __all__ = ["EACFObjective", "add_arguments", "bench_eacf", "bench_eacf_from_args", "format_eacf"]
 
@@ -71,6 +78,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
              "n_eval_test": 1000, "cnf": {"hidden": 32, "n_layers": 3}},
 }  # fmt: skip
 _PROBE_STEPS = 5
+#: Settings that must match for a run in an existing ``out_dir`` to resume it.
+_TRAINING_KEYS = (
+    "system", "objective", "flow", "batch_size", "lr", "ema_decay", "schedule_clock", "seed", "max_steps", "n_train",
+)  # fmt: skip
 
 
 def _energies(system: System, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +181,8 @@ def bench_eacf(
     compiled: bool = True,
     batch_size: int | None = None,
     lr: float = 1e-3,
+    ema_decay: float | Literal["auto"] | None = "auto",
+    resume: bool = True,
     n_marginal: int = 20,
     n_eval_samples: int | None = None,
     n_eval_test: int | None = None,
@@ -210,7 +223,17 @@ def bench_eacf(
         untimed warm-up before the training budget starts; its wall time is
         reported as ``compile_seconds``.
     batch_size, lr
-        Per-step batch and peak learning rate (Adam, cosine decay, gradient guard).
+        Per-step batch and peak learning rate (AdamW, linear warm-up, cosine
+        decay, the paper's gradient guard: skip above 20x, clip above 5x the
+        running median of the gradient norm).
+    ema_decay : float, "auto" or None
+        Exponential moving average of the weights, evaluated and saved
+        instead of the last weights; ``"auto"`` averages over about 5 % of
+        the scheduled steps (at most 1000); ``None``: no EMA.
+    resume : bool
+        Continue the run in ``out_dir`` from its checkpoint (written every
+        5 % of the steps, with FAB's replay buffer) if one exists with the
+        same settings; False starts over. A finished run is evaluated again.
     n_marginal : int
         ``M`` of the marginal estimate in the evaluation and the timing.
     n_eval_samples, n_eval_test : int, optional
@@ -231,7 +254,8 @@ def bench_eacf(
     -------
     dict
         Metrics (see the module docstring), ``training``, ``speed``, ``settings``,
-        ``machine``; also written to ``out_dir/result.json``.
+        ``machine``; also written to ``out_dir/result.json``. ``out_dir`` also
+        holds ``flow.pt``, ``checkpoint.pt``, ``loss.csv`` and ``loss.png``.
     """
     wall_start = time.perf_counter()
     if system not in _DEFAULTS:
@@ -256,8 +280,26 @@ def bench_eacf(
         "compiled": compiled,
     }
     batch = defaults["batch_size"] if batch_size is None else batch_size
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+    if schedule_clock not in ("time", "steps"):
+        raise ValueError(f"schedule_clock must be 'time' or 'steps', got {schedule_clock!r}")
+    if not (ema_decay in ("auto", None) or (isinstance(ema_decay, float) and 0.0 <= ema_decay < 1.0)):
+        raise ValueError(f"ema_decay must be 'auto', None or a float in [0, 1), got {ema_decay!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    requested: dict[str, Any] = {
+        "system": system,
+        "objective": objective,
+        "flow": {k: v for k, v in hyper.items() if k not in ("compiled", "n_marginal")},
+        "batch_size": batch,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "schedule_clock": schedule_clock,
+        "seed": seed,
+        "max_steps": max_steps,
+        "n_train": len(x_train),
+    }
 
     with torch_threads(n_threads):
         with torch.random.fork_rng(devices=[]):
@@ -266,7 +308,7 @@ def bench_eacf(
             if not isinstance(flow, EACF):
                 raise TypeError(f"build_flow(kind='eacf') returned {type(flow).__name__}")
             energy = sys_.energy()
-            data = torch.as_tensor(x_train) if objective == "ml" else None
+            data = TrainingData(x_train) if objective == "ml" else None
             if objective == "ml":
                 train_objective: Any = JointMaximumLikelihood(flow)
             elif objective == "kl":
@@ -274,32 +316,42 @@ def bench_eacf(
             else:
                 train_objective = FABAlpha2(flow, energy, batch_size=batch, buffer_size=200 * batch,
                                             min_buffer=min(20 * batch, 200 * batch))  # fmt: skip
-            steps = max_steps
+            saved, resumed = resolve_training_settings(out, requested, resume, _TRAINING_KEYS, "bench_eacf")
+            settings = dict(saved) if saved is not None else dict(requested)
             compile_seconds = 0.0
-            if steps is None or compiled:
-                # timing probe (lr ~ 0); its first step compiles the training graph of a compiled flow
-                probe = train_eacf(
-                    flow, train_objective, data=data, steps=_PROBE_STEPS, lr=1e-12, batch_size=batch,
-                    schedule="constant", seed=seed + 1, progress=False,
-                )  # fmt: skip
-                per_step = (probe[-1]["seconds"] - probe[0]["seconds"]) / max(1, len(probe) - 1)
-                compile_seconds = max(0.0, probe[0]["seconds"] - per_step) if compiled else 0.0
-                if steps is None:
-                    steps = max(20, int(60.0 * minutes / max(per_step, 1e-3)))
-                logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min (compilation %.0f s)",
-                            1e3 * per_step, steps, minutes, compile_seconds)  # fmt: skip
-            cap = steps if schedule_clock == "steps" else (max_steps or 10**9)
-            history = train_eacf(
-                flow, train_objective, data=data, steps=cap, lr=lr, batch_size=batch,
-                warmup_steps=min(100, steps // 10), max_minutes=minutes, schedule_clock=schedule_clock, seed=seed,
-                progress=progress,
+            if compiled or saved is None:
+                # Untimed warm-up and timing probe on the flow itself at lr ~ 0 (a resumed run reloads the
+                # checkpoint's weights afterwards); the first step compiles the training graph of a compiled flow.
+                probe = replace(_trainer_config(settings, minutes, 1, None, progress=False, out_dir=None), lr=1e-12)
+                warm_start = time.perf_counter()
+                Trainer(flow, train_objective, replace(probe, max_steps=1), data).fit()
+                warm_seconds = time.perf_counter() - warm_start
+                if saved is None:
+                    timed = Trainer(flow, train_objective, replace(probe, max_steps=_PROBE_STEPS), data).fit()
+                    per_step = timed.elapsed_seconds / max(1, timed.steps_this_session)
+                    settings["max_steps"] = max_steps or max(20, int(60.0 * minutes / max(per_step, 1e-3)))
+                    compile_seconds = max(0.0, warm_seconds - per_step) if compiled else 0.0
+                    logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min (compilation %.0f s)",
+                                1e3 * per_step, settings["max_steps"], minutes, compile_seconds)  # fmt: skip
+                else:
+                    compile_seconds = warm_seconds if compiled else 0.0
+            if saved is None:
+                settings["warmup_steps"] = min(100, settings["max_steps"] // 10)
+                settings["ema_decay_used"] = auto_ema_decay(ema_decay, settings["max_steps"])
+                write_json(out / SETTINGS_FILE, settings)
+            trainer = Trainer(
+                flow, train_objective, _trainer_config(settings, minutes, max_steps, settings["ema_decay_used"],
+                                                       progress=progress, out_dir=out), data,
             )  # fmt: skip
-            train_seconds = history[-1]["seconds"] if history else 0.0
-            flow.eval()
-            flow.save(out / "flow.pt")
-            x_test = torch.as_tensor(x_test_all[evaluation_subset(len(x_test_all), n_test, seed)])
-            eval_start = time.perf_counter()
-            metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed)
+            summary = trainer.fit(resume=resume)
+            train_seconds = summary.elapsed_seconds
+            averaged = trainer.ema.average_parameters() if trainer.ema is not None else nothing()
+            with averaged:
+                flow.eval()
+                flow.save(out / "flow.pt")
+                x_test = torch.as_tensor(x_test_all[evaluation_subset(len(x_test_all), n_test, seed)])
+                eval_start = time.perf_counter()
+                metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed)
             eval_seconds = time.perf_counter() - eval_start
             cnf = load_flow(cnf_model, device="cpu") if cnf_model is not None else build_flow(
                 sys_, "egnn", device="cpu", **defaults["cnf"])  # fmt: skip
@@ -309,7 +361,6 @@ def bench_eacf(
             speed = _speed(flow, cnf, n_speed_samples, n_cnf_speed_samples, n_marginal)
         threads = torch.get_num_threads()
 
-    tail = history[-max(1, len(history) // 20) :]
     result: dict[str, Any] = {
         "system": system,
         "model": "eacf",
@@ -321,16 +372,20 @@ def bench_eacf(
         "eval_seconds": eval_seconds,
         "n_parameters": sum(p.numel() for p in flow.parameters()),
         "training": {
-            "steps": len(history),
-            "scheduled_steps": steps,
-            "final_loss": float(np.mean([row["loss"] for row in tail])) if tail else None,
-            "skipped_steps": sum(1 for row in history if row["action"] == 2.0),
-            "clipped_steps": sum(1 for row in history if row["action"] == 1.0),
+            "steps": summary.step,
+            "scheduled_steps": settings["max_steps"],
+            "final_loss": summary.final_loss,
+            "skipped_steps": 0 if trainer.guard is None else trainer.guard.n_skipped,
+            "clipped_steps": 0 if trainer.guard is None else trainer.guard.n_clipped,
+            "stopped_by": summary.stopped_by,
+            "resumed": resumed,
+            "ema_decay": settings["ema_decay_used"],
         },
         "settings": {
             "flow": flow.config() | {"atom_types": None},
             "batch_size": batch,
             "lr": lr,
+            "ema_decay": ema_decay,
             "minutes": minutes,
             "schedule_clock": schedule_clock,
             "seed": seed,
@@ -355,6 +410,30 @@ def bench_eacf(
     return result
 
 
+def _trainer_config(
+    settings: dict[str, Any], minutes: float, max_steps: int | None, ema_decay: float | None, *,
+    progress: bool, out_dir: Path | None,
+) -> TrainerConfig:  # fmt: skip
+    """The :class:`TrainerConfig` of a bench_eacf run (AdamW, warm-up + cosine, the paper's gradient guard)."""
+    by_time = settings["schedule_clock"] == "time"
+    scheduled = settings.get("max_steps") or 1
+    return TrainerConfig(
+        max_steps=(max_steps or 10**9) if by_time else scheduled,
+        max_minutes=minutes,
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        schedule="cosine",
+        schedule_clock=settings["schedule_clock"],
+        warmup_steps=settings.get("warmup_steps") or 0,
+        grad_guard=True,
+        ema_decay=ema_decay,
+        seed=settings["seed"],
+        checkpoint_every=max(50, scheduled // 20),
+        out_dir=out_dir,
+        progress=progress,
+    )
+
+
 def format_eacf(result: dict[str, Any]) -> str:
     """A readable table of one :func:`bench_eacf` result."""
     s, t, v = result["settings"], result["training"], result["speed"]
@@ -365,6 +444,8 @@ def format_eacf(result: dict[str, Any]) -> str:
         f"objective {result['objective']}",
         f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (batch {s['batch_size']}, lr {s['lr']:g}; "
         f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped; "
+        + (f"EMA {t['ema_decay']:g}; " if t.get("ema_decay") else "no EMA; ")
+        + ("resumed; " if t.get("resumed") else "")
         + (f"compiled, {result.get('compile_seconds', 0.0):.0f} s of compilation before the budget)"
            if flow.get("compiled") else "eager)"),
         f"NLL (M={v['n_marginal']}), prior constant excluded: {result['nll']:.3f} +- {result['nll_stderr']:.3f}",
@@ -400,6 +481,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train and sample eagerly (default: torch.compile the coupling layers and the CNF)")
     parser.add_argument("--batch-size", type=int, help="batch per step (system default)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema-decay", type=_ema_argument, default="auto",
+                        help="EMA of the weights, evaluated and saved: auto (about 5 %% of the steps), none, or a "
+                             "decay such as 0.999")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over even if --out-dir holds a checkpoint of the same run (default: resume)")
     parser.add_argument("--marginal-draws", type=int, default=20, help="M of the marginal log q estimate (20)")
     parser.add_argument("--eval-samples", type=int, help="flow samples for the ESS (system default)")
     parser.add_argument("--eval-test", type=int, help="test configurations for the NLL (system default)")
@@ -408,6 +494,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the result as JSON to this file")
     parser.add_argument("--out-dir", help="run folder (default runs/bench_eacf_<system>_<objective>)")
+
+
+def _ema_argument(text: str) -> float | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a decay in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"the EMA decay must be in [0, 1), got {value}")
+    return value
 
 
 def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -427,6 +525,8 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         compiled=not args.no_compile,
         batch_size=args.batch_size,
         lr=args.lr,
+        ema_decay=args.ema_decay,
+        resume=not args.fresh,
         n_marginal=args.marginal_draws,
         n_eval_samples=args.eval_samples,
         n_eval_test=args.eval_test,

@@ -42,8 +42,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -51,7 +49,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bgplugin.benchmarks.common import machine_record
+from bgplugin.benchmarks.common import (
+    SETTINGS_FILE,
+    auto_ema_decay,
+    machine_record,
+    nothing,
+    resolve_training_settings,
+)
 from bgplugin.energies.particles import pairwise_distances
 from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, DeviceSpec, FieldKind, build_flow
@@ -118,7 +122,6 @@ _TRAINING_KEYS = (
     "system", "objective", "field", "field_hyperparameters", "prior_std", "solver", "steps", "batch_size",
     "lr", "sigma", "ema_decay", "grad_clip", "schedule", "schedule_clock", "seed", "max_steps", "train_file",
 )  # fmt: skip
-_SETTINGS_FILE = "bench_settings.json"
 _PROBE_SECONDS = 3.0
 _PROBE_MAX_STEPS = 30
 
@@ -260,33 +263,6 @@ def _make_objective(objective: BenchObjective, flow: CNF, system: System, sigma:
         atom_types=system.atom_types,
         allow_reflections=symmetry == "E(n)",
     )
-
-
-def _resolve_training_settings(
-    out: Path, requested: dict[str, Any], resume: bool
-) -> tuple[dict[str, Any] | None, bool]:
-    """Saved settings of a resumable run in ``out`` (checked against ``requested``), or None."""
-    saved_path = out / _SETTINGS_FILE
-    if not (resume and (out / "checkpoint.pt").is_file()):
-        return None, False
-    if not saved_path.is_file():
-        raise ValueError(
-            f"{out} has a checkpoint.pt but no {_SETTINGS_FILE}, so it is not a bench_particles run that can be "
-            "resumed; use another out_dir or pass resume=False to overwrite it"
-        )
-    import json
-
-    saved = json.loads(saved_path.read_text())
-    compare = [k for k in _TRAINING_KEYS if not (k == "max_steps" and requested[k] is None)]
-    # runs written before the time clock existed used the step clock
-    changed = [k for k in compare if saved.get(k, "steps" if k == "schedule_clock" else None) != requested[k]]
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {requested[k]!r}" for k in changed)
-        raise ValueError(
-            f"{out} holds a run with different training settings ({detail}); use another out_dir, "
-            "pass resume=False to start over, or repeat the original settings to resume"
-        )
-    return saved, True
 
 
 def _savefig(figure: Any, path: Path) -> Path:
@@ -664,7 +640,7 @@ def bench_particles(
             flow = build_flow(sys_, field, steps=steps, compiled=compiled, device=device, **hyper)
         train_objective = _make_objective(objective, flow, sys_, sigma)
         data = TrainingData(x_train)
-        saved, resumed = _resolve_training_settings(out, requested, resume)
+        saved, resumed = resolve_training_settings(out, requested, resume, _TRAINING_KEYS, "bench_particles")
         settings = dict(requested)
         if saved is not None:
             settings["max_steps"] = saved["max_steps"]
@@ -678,8 +654,8 @@ def bench_particles(
                     probe_seconds=_PROBE_SECONDS,
                 )  # fmt: skip
             settings["warmup_steps"] = min(100, settings["max_steps"] // 10)
-            settings["ema_decay_used"] = _ema_decay(ema_decay, settings["max_steps"])
-            write_json(out / _SETTINGS_FILE, settings)
+            settings["ema_decay_used"] = auto_ema_decay(ema_decay, settings["max_steps"])
+            write_json(out / SETTINGS_FILE, settings)
         by_time = schedule_clock == "time"
         config = TrainerConfig(
             max_steps=(max_steps or 10**9) if by_time else settings["max_steps"],
@@ -702,7 +678,7 @@ def bench_particles(
 
         x_test = torch.as_tensor(x_test_all[evaluation_subset(len(x_test_all), n_test, seed)])
         eval_start = time.perf_counter()
-        averaged = trainer.ema.average_parameters() if trainer.ema is not None else _nothing()
+        averaged = trainer.ema.average_parameters() if trainer.ema is not None else nothing()
         with averaged:
             flow.eval()
             flow.save(out / "flow.pt")
@@ -787,18 +763,6 @@ def bench_particles(
 def _finite_or_none(value: float) -> float | None:
     """``value``, or None when it is NaN/inf (no session steps), so that result.json stays strict JSON."""
     return value if math.isfinite(value) else None
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def _ema_decay(ema_decay: float | Literal["auto"] | None, max_steps: int) -> float | None:
-    """The EMA decay a run uses: ``"auto"`` averages over about 5 % of the run, at most 1000 steps."""
-    if ema_decay == "auto":
-        return min(0.999, max(0.0, 1.0 - 20.0 / max_steps)) or None
-    return ema_decay
 
 
 def format_particles(result: dict[str, Any]) -> str:

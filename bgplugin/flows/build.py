@@ -161,7 +161,9 @@ def _build_eacf(system: SystemLike, arguments: dict[str, Any]) -> EACF:
     )
 
 
-def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> CNF | EACF:
+def load_flow(
+    path: str | os.PathLike[str], *, device: DeviceSpec = "auto", compiled: bool | None = None
+) -> CNF | EACF:
     """Load a flow written by :meth:`CNF.save` or :meth:`bgplugin.flows.eacf.EACF.save`.
 
     Parameters
@@ -170,12 +172,20 @@ def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> C
         File written by :meth:`CNF.save`.
     device : {"auto", "cpu", "cuda"} or torch.device
         Where to put the loaded flow.
+    compiled : bool or None
+        ``None`` (default): as saved. ``True`` / ``False`` overrides the saved
+        ``compiled`` option, e.g. ``False`` for a short job in a fresh process
+        that would otherwise spend a minute or more compiling a flow that was
+        trained compiled (compilation happens once per process).
 
     Returns
     -------
     CNF or EACF
-        Same hyperparameters, options, dtype and weights as the saved flow.
+        Same hyperparameters, options, dtype and weights as the saved flow
+        (``compiled`` as requested).
     """
+    if compiled is not None and not isinstance(compiled, bool):
+        raise ValueError(f"compiled must be True, False or None (as saved), got {compiled!r}")
     source = Path(path)
     if not source.is_file():
         raise ValueError(f"no saved flow at {str(source)!r}; check the path (CNF.save writes one file)")
@@ -183,7 +193,8 @@ def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> C
     if isinstance(payload, dict) and payload.get("kind") == "eacf":
         from bgplugin.flows.eacf import load_eacf
 
-        return load_eacf(source, device=device)
+        flow = load_eacf(source, device=device)
+        return flow if compiled is None or compiled == flow.compiled else flow.with_options(compiled=compiled)
     if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
         raise ValueError(f"{str(source)!r} is not a file written by CNF.save (format key missing or different)")
     if payload.get("version") != SAVE_VERSION:
@@ -196,7 +207,8 @@ def load_flow(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> C
         raise ValueError(f"{str(source)!r} holds an unknown field kind {kind!r}; known: {sorted(FIELDS)}")
     field = FIELDS[kind](**payload["field"])
     prior = MeanFreeGaussian(**payload["prior"])
-    flow = CNF(field, prior, **payload["options"], device="cpu").to(getattr(torch, payload["dtype"]))
+    options = payload["options"] if compiled is None else {**payload["options"], "compiled": compiled}
+    flow = CNF(field, prior, **options, device="cpu").to(getattr(torch, payload["dtype"]))
     flow.load_state_dict(payload["state_dict"])
     logger.info("loaded %s flow from %s", kind, source)
     return flow.to(resolve_device(device))

@@ -227,6 +227,8 @@ class SampleConfig:
     ``compiled``: sample through ``torch.compile`` (``flow.with_options(compiled=True)``:
     a CNF's exact divergence, an E-ACF's coupling layers; same log q, faster
     per sample after about a minute of compilation per worker process).
+    It applies whatever ``train.model.compiled`` was: a flow trained
+    compiled samples eagerly unless this is true.
     """
 
     n_samples: int = 10_000

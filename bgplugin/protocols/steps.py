@@ -324,11 +324,9 @@ def _sample_chunk(
     """Draw ``n`` samples with log q from the flow in ``flow_path`` and write them to ``out`` atomically.
 
     ``options`` go to ``flow.sample`` (for an E-ACF: ``density``); ``compiled``
-    switches a CNF to ``torch.compile`` of its divergence.
+    samples through ``torch.compile`` (or not), whatever the flow was trained with.
     """
-    flow = load_flow(flow_path, device=device)
-    if compiled:
-        flow = flow.with_options(compiled=True)  # type: ignore[union-attr]
+    flow = load_flow(flow_path, device=device, compiled=compiled)
     generator = torch.Generator(device=flow.device).manual_seed(seed)
     with torch.no_grad():
         x, log_q = flow.sample(n, generator=generator, **options)

@@ -9,7 +9,8 @@ would have seen, whether or not batches are built in worker processes.
 Files written to ``out_dir`` (all replaced atomically):
 
 ``checkpoint.pt``
-    model, optimiser, scheduler, EMA, RNG states, step, elapsed time;
+    model, optimiser, scheduler, EMA, RNG states, step, elapsed time, and the
+    objective's own state if it has one (FAB's replay buffer);
 ``loss.csv``
     one row per step: loss, learning rate, gradient norm, time split and the
     objective's metrics;
@@ -773,12 +774,18 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
+            # objectives with state of their own (FAB's replay buffer) expose state_dict / load_state_dict
+            "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
             "rng": _rng_state(),
         }
         atomic_write(Path(path), lambda stream: torch.save(state, stream))
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Restore the state written by :meth:`save_checkpoint` (model, optimiser, scheduler, EMA, RNG, step)."""
+        """Restore the state written by :meth:`save_checkpoint` (model, optimiser, scheduler, EMA, RNG, step).
+
+        An objective with state of its own (``state_dict`` / ``load_state_dict``, e.g. the replay buffer of
+        :class:`~bgplugin.flows.eacf.FABAlpha2`) is restored too.
+        """
         path = Path(path)
         device = self.parameters[0].device
         state = torch.load(path, map_location=device, weights_only=True)
@@ -811,6 +818,11 @@ class Trainer:
                 self.guard.load_state_dict(state["guard"])
             else:
                 logger.info("%s has no gradient-guard history; the guard starts a new one", path)
+        if hasattr(self.objective, "load_state_dict"):
+            if state.get("objective") is not None:
+                self.objective.load_state_dict(state["objective"])
+            else:
+                logger.warning("%s holds no state of %s; it starts afresh", path, type(self.objective).__name__)
         current = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
         changed = sorted(k for k, v in state["config"].items() if current.get(k) != v)
         if changed:

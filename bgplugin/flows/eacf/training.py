@@ -441,6 +441,29 @@ class FABAlpha2:
         self.aux_weight = float(aux_weight)
         self.last_acceptance: list[float] = [math.nan] * n_intermediate
 
+    def state_dict(self) -> dict[str, Any]:
+        """Replay buffer, adapted HMC step sizes and last acceptances (saved in training checkpoints)."""
+        buffer = self.buffer
+        return {
+            "buffer": {name: getattr(buffer, name) for name in ("x", "a", "log_w", "log_q")},
+            "step_sizes": list(self.step_sizes),
+            "last_acceptance": list(self.last_acceptance),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the buffer moves to the flow's device and dtype)."""
+        if len(state["step_sizes"]) != len(self.step_sizes):
+            raise ValueError(
+                f"the saved FAB state has {len(state['step_sizes'])} intermediate distributions, this objective "
+                f"{len(self.step_sizes)}; build FABAlpha2 with the n_intermediate of the saved run"
+            )
+        parameter = next(self.flow.parameters())
+        for name, value in state["buffer"].items():
+            value = None if value is None else value.to(device=parameter.device, dtype=parameter.dtype)
+            setattr(self.buffer, name, None if value is None else value[-self.buffer.capacity :])
+        self.step_sizes = [float(v) for v in state["step_sizes"]]
+        self.last_acceptance = [float(v) for v in state["last_acceptance"]]
+
     def __repr__(self) -> str:
         return (
             f"FABAlpha2(batch_size={self.batch_size}, n_intermediate={len(self.step_sizes)}, "
