@@ -227,8 +227,9 @@ class SampleConfig:
     ``compiled``: sample through ``torch.compile`` (``flow.with_options(compiled=True)``:
     a CNF's exact divergence, an E-ACF's coupling layers; same log q, faster
     per sample after about a minute of compilation per worker process).
-    It applies whatever ``train.model.compiled`` was: a flow trained
-    compiled samples eagerly unless this is true.
+    It applies whatever ``train.model.compiled`` was (a flow trained
+    compiled samples eagerly unless this is true), and also to the
+    densities the reweight step evaluates (mirror images, forward ESS).
     """
 
     n_samples: int = 10_000

@@ -362,7 +362,9 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
     with np.load(run.step_dir("sample") / SAMPLES_FILE) as samples:
         x, log_q = samples["x"], samples["log_q"]
     energy = _target_energy(protocol, system)
-    flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device)
+    # the densities of mirror images and training frames follow sample.compiled, like the samples' own log q
+    compiled = protocol.sample.compiled if protocol.sample is not None else None
+    flow = load_flow(run.step_dir("train") / FLOW_FILE, device=device, compiled=compiled)
 
     def flow_log_prob(positions: np.ndarray) -> np.ndarray:  # q of mirror images, and of data for the forward ESS
         xs = torch.as_tensor(positions, dtype=torch.float32)
