@@ -136,6 +136,9 @@ def _bench_particles(args: argparse.Namespace) -> int:
         schedule_clock=args.schedule_clock,
         num_workers=args.num_workers,
         compiled=not args.no_compile,
+        hidden=args.hidden,
+        n_layers=args.layers,
+        batch_size=args.batch_size,
     )
     print(format_particles(result))
     if args.out:
@@ -165,6 +168,7 @@ def _bench_particles_eacf(args: argparse.Namespace) -> int:
     options.eval_samples, options.seed, options.no_compile = args.eval_samples, args.seed, args.no_compile
     if args.lr is not None:
         options.lr = args.lr
+    options.hidden, options.layers, options.batch_size = args.hidden, args.layers, args.batch_size
     result = bench_eacf_from_args(options)
     print(format_eacf(result))
     if args.out:
@@ -257,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         particles.add_argument("--no-compile", action="store_true",
                                help="train and evaluate eagerly (default: torch.compile the CNF's field, or the "
                                     "E-ACF's coupling layers)")
+        particles.add_argument("--hidden", type=_positive_int, help="EGNN width (system default: 32, LJ55 64)")
+        particles.add_argument("--layers", type=_positive_int,
+                               help="EGNN layers (cnf default 3, LJ55 5; eacf: layers per conditioner, 1)")
+        particles.add_argument("--batch-size", type=_positive_int, help="batch per step (system default)")
         particles.add_argument("--seed", type=int, default=0)
         particles.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         particles.set_defaults(func=_bench_particles)

@@ -106,10 +106,30 @@ def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tm
     assert seen["system"] == "lj13" and seen["objective"] == "fab" and seen["minutes"] == 3.0 and seen["seed"] == 4
     assert seen["out_dir"] == "runs/bench_eacf_lj13_fab" and seen["projection"] == "spherical"
     assert seen["no_compile"] is False
+    assert seen["hidden"] is None and seen["layers"] is None and seen["batch_size"] is None  # system defaults
     with pytest.raises(SystemExit):
-        main(["bench", "dw4", "--model", "eacf", "--no-compile"])
+        main(["bench", "dw4", "--model", "eacf", "--no-compile", "--hidden", "16", "--layers", "2",
+              "--batch-size", "8"])  # fmt: skip
     assert seen["no_compile"] is True
+    assert (seen["hidden"], seen["layers"], seen["batch_size"]) == (16, 2, 8)
     with pytest.raises(SystemExit, match="flow matching, which trains CNFs"):
         main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
     with pytest.raises(SystemExit, match="add --model eacf"):
         main(["bench", "dw4", "--objective", "fab"])
+
+
+def test_bench_particles_passes_the_model_size_to_the_cnf_benchmark(monkeypatch) -> None:
+    import bgplugin.benchmarks.particles as particles_bench
+
+    seen = {}
+
+    def fake_bench(*args, **kwargs):  # the routing is under test; bench_particles runs in test_bench_particles.py
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(particles_bench, "bench_particles", fake_bench)
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--objective", "ot", "--hidden", "64", "--layers", "4", "--batch-size", "512"])
+    assert (seen["hidden"], seen["n_layers"], seen["batch_size"]) == (64, 4, 512)
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--hidden", "0"])  # argparse refuses it
