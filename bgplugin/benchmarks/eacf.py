@@ -77,7 +77,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "lj13": {"n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 64, "n_eval_samples": 2000,
              "n_eval_test": 1000, "cnf": {"hidden": 32, "n_layers": 3}},
 }  # fmt: skip
-_PROBE_STEPS = 5
+#: The step-count probe: at most this many steps or seconds (a few steps alone overstate the per-step time:
+#: a 5-step probe estimated half the steps a compiled DW4 run then made).
+_PROBE_STEPS = 30
+_PROBE_SECONDS = 5.0
 #: Settings that must match for a run in an existing ``out_dir`` to resume it.
 _TRAINING_KEYS = (
     "system", "objective", "flow", "batch_size", "lr", "ema_decay", "schedule_clock", "seed", "max_steps", "n_train",
@@ -319,22 +322,24 @@ def bench_eacf(
             saved, resumed = resolve_training_settings(out, requested, resume, _TRAINING_KEYS, "bench_eacf")
             settings = dict(saved) if saved is not None else dict(requested)
             compile_seconds = 0.0
-            if compiled or saved is None:
+            if compiled or (saved is None and max_steps is None):
                 # Untimed warm-up and timing probe on the flow itself at lr ~ 0 (a resumed run reloads the
                 # checkpoint's weights afterwards); the first step compiles the training graph of a compiled flow.
                 probe = replace(_trainer_config(settings, minutes, 1, None, progress=False, out_dir=None), lr=1e-12)
                 warm_start = time.perf_counter()
                 Trainer(flow, train_objective, replace(probe, max_steps=1), data).fit()
                 warm_seconds = time.perf_counter() - warm_start
-                if saved is None:
-                    timed = Trainer(flow, train_objective, replace(probe, max_steps=_PROBE_STEPS), data).fit()
+                compile_seconds = warm_seconds if compiled else 0.0
+                if saved is None and max_steps is None:
+                    timed = Trainer(flow, train_objective, replace(probe, max_steps=_PROBE_STEPS,
+                                                                   max_minutes=_PROBE_SECONDS / 60.0), data).fit()
                     per_step = timed.elapsed_seconds / max(1, timed.steps_this_session)
-                    settings["max_steps"] = max_steps or max(20, int(60.0 * minutes / max(per_step, 1e-3)))
+                    settings["max_steps"] = max(20, int(60.0 * minutes / max(per_step, 1e-3)))
                     compile_seconds = max(0.0, warm_seconds - per_step) if compiled else 0.0
                     logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min (compilation %.0f s)",
                                 1e3 * per_step, settings["max_steps"], minutes, compile_seconds)  # fmt: skip
-                else:
-                    compile_seconds = warm_seconds if compiled else 0.0
+            if saved is None and max_steps is not None:
+                settings["max_steps"] = max_steps
             if saved is None:
                 settings["warmup_steps"] = min(100, settings["max_steps"] // 10)
                 settings["ema_decay_used"] = auto_ema_decay(ema_decay, settings["max_steps"])
