@@ -338,8 +338,6 @@ def bench_eacf(
                     compile_seconds = max(0.0, warm_seconds - per_step) if compiled else 0.0
                     logger.info("timing probe: %.0f ms per step -> %d steps in %.1f min (compilation %.0f s)",
                                 1e3 * per_step, settings["max_steps"], minutes, compile_seconds)  # fmt: skip
-            if saved is None and max_steps is not None:
-                settings["max_steps"] = max_steps
             if saved is None:
                 settings["warmup_steps"] = min(100, settings["max_steps"] // 10)
                 settings["ema_decay_used"] = auto_ema_decay(ema_decay, settings["max_steps"])

@@ -193,8 +193,7 @@ def load_flow(
     if isinstance(payload, dict) and payload.get("kind") == "eacf":
         from bgplugin.flows.eacf import load_eacf
 
-        flow = load_eacf(source, device=device)
-        return flow if compiled is None or compiled == flow.compiled else flow.with_options(compiled=compiled)
+        return load_eacf(source, device=device, compiled=compiled)
     if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
         raise ValueError(f"{str(source)!r} is not a file written by CNF.save (format key missing or different)")
     if payload.get("version") != SAVE_VERSION:

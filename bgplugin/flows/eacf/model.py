@@ -744,13 +744,15 @@ def build_eacf(
     return flow
 
 
-def load_eacf(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> EACF:
+def load_eacf(path: str | os.PathLike[str], *, device: DeviceSpec = "auto", compiled: bool | None = None) -> EACF:
     """Load a flow written by :meth:`EACF.save`.
 
     Parameters
     ----------
     path : path-like
     device : {"auto", "cpu", "cuda"} or torch.device
+    compiled : bool or None
+        ``None``: as saved; ``True`` / ``False`` overrides the saved option.
 
     Returns
     -------
@@ -768,7 +770,8 @@ def load_eacf(path: str | os.PathLike[str], *, device: DeviceSpec = "auto") -> E
             f"{str(source)!r} has E-ACF save format version {payload.get('version')}, this bgplugin reads "
             f"version {SAVE_VERSION}; load it with the bgplugin version that wrote it"
         )
-    flow = EACF(**payload["config"], device="cpu").to(getattr(torch, payload["dtype"]))
+    config = payload["config"] if compiled is None else {**payload["config"], "compiled": compiled}
+    flow = EACF(**config, device="cpu").to(getattr(torch, payload["dtype"]))
     flow.load_state_dict(payload["state_dict"])
     logger.info("loaded E-ACF flow from %s", source)
     return flow.to(resolve_device(device))

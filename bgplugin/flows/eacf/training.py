@@ -443,9 +443,8 @@ class FABAlpha2:
 
     def state_dict(self) -> dict[str, Any]:
         """Replay buffer, adapted HMC step sizes and last acceptances (saved in training checkpoints)."""
-        buffer = self.buffer
         return {
-            "buffer": {name: getattr(buffer, name) for name in ("x", "a", "log_w", "log_q")},
+            "buffer": {name: getattr(self.buffer, name) for name in ("x", "a", "log_w", "log_q")},
             "step_sizes": list(self.step_sizes),
             "last_acceptance": list(self.last_acceptance),
         }
@@ -459,8 +458,9 @@ class FABAlpha2:
             )
         parameter = next(self.flow.parameters())
         for name, value in state["buffer"].items():
-            value = None if value is None else value.to(device=parameter.device, dtype=parameter.dtype)
-            setattr(self.buffer, name, None if value is None else value[-self.buffer.capacity :])
+            if value is not None:
+                value = value.to(device=parameter.device, dtype=parameter.dtype)[-self.buffer.capacity :]
+            setattr(self.buffer, name, value)
         self.step_sizes = [float(v) for v in state["step_sizes"]]
         self.last_acceptance = [float(v) for v in state["last_acceptance"]]
 
