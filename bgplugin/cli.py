@@ -131,6 +131,7 @@ def _bench_particles(args: argparse.Namespace) -> int:
         args.out_dir or f"runs/bench_{args.benchmark}_{objective}",
         seed=args.seed,
         n_eval_samples=args.eval_samples,
+        n_eval_test=args.eval_test,
         device=args.device,
         lr=5e-4 if args.lr is None else args.lr,
         schedule_clock=args.schedule_clock,
@@ -166,6 +167,7 @@ def _bench_particles_eacf(args: argparse.Namespace) -> int:
     options.system, options.objective, options.minutes = args.benchmark, _EACF_OBJECTIVES[objective], args.minutes
     options.out_dir = args.out_dir or f"runs/bench_eacf_{args.benchmark}_{options.objective}"
     options.eval_samples, options.seed, options.no_compile = args.eval_samples, args.seed, args.no_compile
+    options.eval_test = args.eval_test
     if args.lr is not None:
         options.lr = args.lr
     options.hidden, options.layers, options.batch_size = args.hidden, args.layers, args.batch_size
@@ -252,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         particles.add_argument("--out", help="write the results as JSON to this file")
         particles.add_argument("--out-dir", help="run folder: checkpoints, plots (default runs/bench_<system>_<obj>)")
         particles.add_argument("--eval-samples", type=_positive_int, help="flow samples for ESS (system default)")
+        particles.add_argument("--eval-test", type=_positive_int,
+                               help="test configurations for the NLL, forward ESS and path length (system default; "
+                                    "cnf DW4: the whole test split)")
         particles.add_argument("--lr", type=float, help="peak learning rate (cnf 5e-4, eacf 1e-3)")
         particles.add_argument("--schedule-clock", choices=["time", "steps"], default="time",
                                help="cnf: the cosine decay spans --minutes of training (time, default) or the "

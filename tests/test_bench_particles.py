@@ -36,6 +36,7 @@ torch.set_num_threads(1)
 # A wall-clock budget well below the step budget, so the first run stops by time (mid-schedule).
 SMALL = {
     "n_eval_samples": 64,
+    "n_eval_test": 64,
     "n_integration_samples": 8,
     "batch_size": 64,
     "max_steps": 5000,

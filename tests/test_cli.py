@@ -107,11 +107,12 @@ def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tm
     assert seen["out_dir"] == "runs/bench_eacf_lj13_fab" and seen["projection"] == "spherical"
     assert seen["no_compile"] is False
     assert seen["hidden"] is None and seen["layers"] is None and seen["batch_size"] is None  # system defaults
+    assert seen["eval_test"] is None and seen["prior_std"] is None
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--model", "eacf", "--no-compile", "--hidden", "16", "--layers", "2",
-              "--batch-size", "8"])  # fmt: skip
+              "--batch-size", "8", "--eval-test", "300"])  # fmt: skip
     assert seen["no_compile"] is True
-    assert (seen["hidden"], seen["layers"], seen["batch_size"]) == (16, 2, 8)
+    assert (seen["hidden"], seen["layers"], seen["batch_size"], seen["eval_test"]) == (16, 2, 8, 300)
     with pytest.raises(SystemExit, match="flow matching, which trains CNFs"):
         main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
     with pytest.raises(SystemExit, match="add --model eacf"):
@@ -131,5 +132,9 @@ def test_bench_particles_passes_the_model_size_to_the_cnf_benchmark(monkeypatch)
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--objective", "ot", "--hidden", "64", "--layers", "4", "--batch-size", "512"])
     assert (seen["hidden"], seen["n_layers"], seen["batch_size"]) == (64, 4, 512)
+    assert seen["n_eval_test"] is None  # the system default (DW4: the whole test split)
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--objective", "ot", "--eval-test", "2000"])
+    assert seen["n_eval_test"] == 2000
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--hidden", "0"])  # argparse refuses it

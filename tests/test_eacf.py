@@ -663,8 +663,11 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})
     with pytest.raises(ValueError, match="ema_decay"):
         bench_eacf("dw4", tmp_path / "other", **{**options, "ema_decay": 1.5})
-    fresh = bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3, "ema_decay": 0.9}, resume=False)
+    fresh = bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3, "ema_decay": 0.9, "prior_std": 1.5},
+                       resume=False)  # fmt: skip
     assert fresh["training"]["resumed"] is False and fresh["training"]["ema_decay"] == 0.9
+    assert fresh["settings"]["flow"]["prior_std"] == 1.5 and result["settings"]["flow"]["prior_std"] == 1.0
+    assert load_flow(tmp_path / "run" / "flow.pt").prior.std == 1.5
 
 
 def test_objectives_run_in_the_package_trainer() -> None:

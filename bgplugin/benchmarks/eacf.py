@@ -72,9 +72,9 @@ EACFBenchmark = Literal["dw4", "lj13"]
 #: Per-system defaults sized for a CPU: flow size, batch, evaluation counts; the CNF the speed is compared with
 #: is the EGNN of ``bench dw4|lj13`` (3 layers, width 32, RK4-20, closed-form divergence).
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "dw4": {"n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 128, "n_eval_samples": 5000,
+    "dw4": {"prior_std": 1.0, "n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 128, "n_eval_samples": 5000,
             "n_eval_test": 2000, "cnf": {"hidden": 32, "n_layers": 3}},
-    "lj13": {"n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 64, "n_eval_samples": 2000,
+    "lj13": {"prior_std": 1.0, "n_blocks": 4, "hidden": 32, "n_layers": 1, "batch_size": 64, "n_eval_samples": 2000,
              "n_eval_test": 1000, "cnf": {"hidden": 32, "n_layers": 3}},
 }  # fmt: skip
 #: The step-count probe: at most this many steps or seconds (a few steps alone overstate the per-step time:
@@ -181,6 +181,7 @@ def bench_eacf(
     hidden: int | None = None,
     n_layers: int | None = None,
     n_aug: int = 1,
+    prior_std: float | None = None,
     compiled: bool = True,
     batch_size: int | None = None,
     lr: float = 1e-3,
@@ -220,6 +221,9 @@ def bench_eacf(
         or the step count (``"steps"``: reproducible bit for bit).
     projection, n_blocks, hidden, n_layers, n_aug
         Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer).
+    prior_std : float, optional
+        Standard deviation of the mean-free Gaussian base of x (and the
+        radius-spline range, ``2 * prior_std``); default per system (1.0).
     compiled : bool
         Train and evaluate through ``torch.compile`` (``EACF(compiled=True)``;
         the CNF it is timed against then too). Compilation happens in an
@@ -279,6 +283,7 @@ def bench_eacf(
         "hidden": defaults["hidden"] if hidden is None else hidden,
         "n_layers": defaults["n_layers"] if n_layers is None else n_layers,
         "n_aug": n_aug,
+        "prior_std": defaults["prior_std"] if prior_std is None else prior_std,
         "n_marginal": n_marginal,
         "compiled": compiled,
     }
@@ -480,6 +485,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, help="EGNN width (system default)")
     parser.add_argument("--layers", type=int, help="EGNN layers per conditioner (system default)")
     parser.add_argument("--n-aug", type=int, default=1, help="augmented variables (1)")
+    parser.add_argument("--prior-std", type=float,
+                        help="standard deviation of the Gaussian base of x (system default)")
     parser.add_argument("--no-compile", action="store_true",
                         help="train and sample eagerly (default: torch.compile the coupling layers and the CNF)")
     parser.add_argument("--batch-size", type=int, help="batch per step (system default)")
@@ -525,6 +532,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         hidden=args.hidden,
         n_layers=args.layers,
         n_aug=args.n_aug,
+        prior_std=args.prior_std,
         compiled=not args.no_compile,
         batch_size=args.batch_size,
         lr=args.lr,
