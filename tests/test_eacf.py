@@ -670,6 +670,28 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert load_flow(tmp_path / "run" / "flow.pt").prior.std == 1.5
 
 
+def test_bench_eacf_fab_fills_its_replay_buffer_inside_the_timed_training(tmp_path, monkeypatch) -> None:
+    """The untimed warm-up/probe uses a throwaway FAB objective with a one-batch buffer; the timed run fills its own."""
+    import bgplugin.benchmarks.eacf as eacf_bench
+
+    load_benchmark("dw4", "test")  # skips without the data
+    made = []
+
+    class RecordingFAB(eacf_bench.FABAlpha2):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(eacf_bench, "FABAlpha2", RecordingFAB)
+    result = eacf_bench.bench_eacf(
+        "dw4", tmp_path / "fab", objective="fab", minutes=0.02, n_blocks=1, hidden=8, batch_size=16, n_marginal=2,
+        n_eval_samples=32, n_eval_test=32, n_speed_samples=32, n_cnf_speed_samples=2, progress=False, compiled=False,
+    )  # fmt: skip
+    assert [fab.min_buffer for fab in made] == [16, 320]  # warm-up/probe, then the timed run
+    assert len(made[1].buffer) >= 320 and result["training"]["steps"] >= 1
+    assert math.isfinite(result["nll"])
+
+
 def test_objectives_run_in_the_package_trainer() -> None:
     from bgplugin.training import Trainer, TrainerConfig, TrainingData
 
