@@ -501,7 +501,7 @@ def bench_particles(
     n_eval_test : int, optional
         Test configurations for NLL, forward ESS and path length (a seeded
         random subset of the test split, capped at its size); default per
-        system: DW4 the whole test split (10 000), LJ13 500.
+        system: DW4 the whole test split (10 000), LJ13 500, LJ55 100.
     n_integration_samples : int, optional
         Prior draws (forward) and test configurations (inverse) integrated
         again with dopri5 for ``integration_error``; default DW4 64, LJ13 32.
