@@ -398,6 +398,23 @@ def test_marginal_estimate_converges_to_exact_density() -> None:
     assert errors[2] < 0.15 * errors[0] and errors[2] < 0.05, errors
 
 
+def test_augmented_log_ratios_are_the_terms_of_the_marginal_estimate() -> None:
+    flow = EACF(list(TYPES), 3, n_blocks=1, hidden=8, n_layers=1, n_bins=4, device="cpu").double()
+    _randomise(flow, 0.1)
+    generator = torch.Generator().manual_seed(3)
+    x = flow.prior.sample(5, generator=generator)
+    draws = flow.sample_aug(x, 7, generator=generator)
+    with torch.no_grad():
+        ratios = flow.augmented_log_ratios(x, draws)
+        assert ratios.shape == (7, 5)
+        torch.testing.assert_close(torch.logsumexp(ratios, 0) - math.log(7), flow.marginal_log_prob(x, draws))
+        for m in range(7):  # row m: one draw's log q(x, a_m) - log pi(a_m | x)
+            expected = flow.log_prob_joint(x, draws[m]) - flow.log_prob_aug(draws[m], x)
+            torch.testing.assert_close(ratios[m], expected)
+    with pytest.raises(ValueError, match="M draws per configuration"):
+        flow.augmented_log_ratios(x, draws[0])
+
+
 # --------------------------------------------------------------- interface
 def test_interface_and_save_load(tmp_path) -> None:
     system = get_system("dw4")
@@ -642,6 +659,9 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     for key in ("nll", "ess", "ess_joint", "forward_ess"):
         assert math.isfinite(result[key]), key
     assert result["nll_with_prior_constant"] - result["nll"] == pytest.approx(5.514, abs=1e-3)
+    by_draws = result["nll_by_marginal_draws"]  # the estimate from the first m of the M = 2 draws
+    assert list(by_draws) == ["1", "2"] and by_draws["2"]["nll"] == pytest.approx(result["nll"], abs=1e-9)
+    assert by_draws["2"]["nll_stderr"] == pytest.approx(result["nll_stderr"], rel=1e-9)
     speed = result["speed"]  # rates only: comparing timings in a test flakes on a loaded machine (CI did)
     assert speed["n_marginal"] == 2 and speed["n_eacf"] == 64 and speed["n_cnf"] == 2
     for key in ("eacf_joint_samples_per_s", "eacf_marginal_samples_per_s", "cnf_samples_per_s"):
@@ -656,8 +676,9 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     options = {"minutes": 1.0, "max_steps": 3, "n_blocks": 1, "hidden": 8, "n_marginal": 2, "n_eval_samples": 64,
                "n_eval_test": 64, "n_speed_samples": 64, "n_cnf_speed_samples": 2, "progress": False,
                "compiled": False}  # fmt: skip
-    again = bench_eacf("dw4", tmp_path / "run", **options)
+    again = bench_eacf("dw4", tmp_path / "run", **{**options, "n_marginal": 6})  # M is not a training setting
     assert again["training"]["resumed"] is True and again["training"]["steps"] == 3
+    assert list(again["nll_by_marginal_draws"]) == ["1", "5", "6"] and "convergence in M" in format_eacf(again)
     assert again["nll"] == pytest.approx(result["nll"], abs=0.5)  # same weights; the marginal estimate is random
     with pytest.raises(ValueError, match="different training settings"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})

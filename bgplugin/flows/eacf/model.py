@@ -575,6 +575,29 @@ class EACF(nn.Module):
         Tensor, shape (batch,)
             Nats on the mean-free subspace.
         """
+        log_ratio = self.augmented_log_ratios(x, a, progress=progress)
+        return torch.logsumexp(log_ratio, 0) - math.log(log_ratio.shape[0])
+
+    def augmented_log_ratios(self, x: Tensor, a: Tensor, *, progress: bool = False) -> Tensor:
+        r"""Per-draw terms :math:`\log q(x, a_m) - \log \pi(a_m \mid x)` of the marginal estimate.
+
+        :meth:`marginal_log_prob` is their ``logsumexp`` over draws minus ``log M``; the estimate from
+        the first ``m`` draws (``logsumexp(r[:m], 0) - log m``) shows how far ``M`` is from converged
+        (the estimate of ``log q`` is biased low by O(1/M)).
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, n_particles, dim)
+        a : Tensor, shape (M, batch, n_aug, n_particles, dim)
+            Draws from :meth:`sample_aug`.
+        progress : bool
+            Progress bar over chunks.
+
+        Returns
+        -------
+        Tensor, shape (M, batch)
+            Nats; each row is one unbiased importance weight (in log) of ``q(x)``.
+        """
         x, centre = self._validated(x)
         if not isinstance(a, Tensor) or a.ndim != 5 or tuple(a.shape[1:]) != (x.shape[0], self.n_aug, *x.shape[1:]):
             got = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
@@ -591,8 +614,7 @@ class EACF(nn.Module):
         for start in tqdm(starts, desc="E-ACF log q", disable=not progress or len(starts) < 2):
             xs, as_ = flat_x[start : start + self.chunk_size], flat_a[start : start + self.chunk_size]
             values.append(self._log_prob_joint_centred(xs, as_)[0] - self.log_prob_aug(as_, xs))
-        log_ratio = torch.cat(values).reshape(n_draws, batch)
-        return torch.logsumexp(log_ratio, 0) - math.log(n_draws)
+        return torch.cat(values).reshape(n_draws, batch)
 
     def log_prob(
         self,
