@@ -562,6 +562,72 @@ def test_resume_keeps_the_gradient_guard_history(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+class CliffLoss:
+    """(w - 1)^2 below a cliff at w = 1.05, 1e6 - w above it (a sticky region nothing leads out of).
+
+    ``kick_step``: that step's batch adds -1e4 w (one pathological batch) and knocks a converged w over the
+    cliff. ``cliff=None``: the loss is -w below 1, so the weight walks up until it falls off.
+    """
+
+    requires_data = False
+
+    def __init__(self, cliff: float | None, kick_step: int = -1) -> None:
+        self.cliff = cliff
+        self.kick_step = kick_step
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> None:
+        return None
+
+    def loss(self, model: nn.Module, batch: None, step: int) -> LossOutput:
+        w = model.weight
+        if self.cliff is None:
+            return LossOutput(torch.where(w > 1.0, 1e6 - w, -w).sum(), {})
+        loss = torch.where(w > self.cliff, 1e6 - w, (w - 1.0) ** 2).sum()
+        return LossOutput(loss - 1e4 * w.sum() if step == self.kick_step else loss, {})
+
+
+def _cliff_model() -> nn.Module:
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.full((1,), -20.0, dtype=torch.float64))
+    return model
+
+
+def test_a_runaway_loss_is_rolled_back_at_a_lower_learning_rate(tmp_path: Path) -> None:
+    settings = {"max_steps": 600, "lr": 0.2, "schedule": "constant", "snapshot_every": 20, "checkpoint_every": 20}
+    # without roll-backs the kick over the cliff at step 150 is final
+    plain = _cliff_model()
+    Trainer(plain, CliffLoss(1.05, kick_step=150), config(None, **settings)).fit()
+    assert plain.weight.item() > 1.05
+    model = _cliff_model()
+    trainer = Trainer(model, CliffLoss(1.05, kick_step=150), config(tmp_path, **settings, max_rollbacks=5))
+    summary = trainer.fit()
+    assert summary.rollbacks == 1 and summary.lr_scale == 0.5
+    assert abs(model.weight.item() - 1.0) < 0.05  # converged below the cliff
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * summary.lr_scale)
+    with (tmp_path / "loss.csv").open() as stream:
+        losses = [float(row["loss"]) for row in csv.DictReader(stream)]
+    assert max(losses) > 1e5 and losses[-1] < 1e-2  # it did fall off, and came back
+    # the checkpoint carries the lowered learning rate and the count into a resumed run
+    resumed = Trainer(_cliff_model(), CliffLoss(1.05, kick_step=150), config(tmp_path, **{**settings, "max_steps": 620},
+                                                              max_rollbacks=5))  # fmt: skip
+    again = resumed.fit()
+    assert resumed.rollbacks == summary.rollbacks and again.lr_scale == pytest.approx(summary.lr_scale)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * summary.lr_scale)
+
+
+def test_a_runaway_loss_stops_training_after_max_rollbacks_with_a_good_checkpoint(tmp_path: Path) -> None:
+    settings = {"max_steps": 2000, "lr": 0.1, "schedule": "constant", "snapshot_every": 20, "checkpoint_every": 20}
+    trainer = Trainer(_cliff_model(), CliffLoss(None), config(tmp_path, **settings, max_rollbacks=2))
+    with pytest.raises(RuntimeError, match=r"ran away .* after 2 roll-back\(s\).*Lower lr"):
+        trainer.fit()
+    assert trainer.rollbacks == 2 and trainer.model.weight.item() <= 1.0
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["model"]["weight"].item() <= 1.0 and saved["rollbacks"] == 2
+    with pytest.raises(ValueError, match="rollback_lr_factor"):
+        TrainerConfig(max_rollbacks=1, rollback_lr_factor=1.0)
+    with pytest.raises(ValueError, match="max_rollbacks"):
+        TrainerConfig(max_rollbacks=-1)
+
 def test_learning_rate_schedule() -> None:
     trainer = _fresh("kl", None, max_steps=10, warmup_steps=2, schedule="cosine", min_lr_factor=0.1)
     factors = [trainer.scheduler.lr_lambdas[0](s) for s in range(11)]  # type: ignore[attr-defined]

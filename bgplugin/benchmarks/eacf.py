@@ -415,6 +415,8 @@ def bench_eacf(
             "final_loss": summary.final_loss,
             "skipped_steps": 0 if trainer.guard is None else trainer.guard.n_skipped,
             "clipped_steps": 0 if trainer.guard is None else trainer.guard.n_clipped,
+            "rollbacks": trainer.rollbacks,
+            "lr_scale": summary.lr_scale,
             "stopped_by": summary.stopped_by,
             "resumed": resumed,
             "ema_decay": settings["ema_decay_used"],
@@ -464,6 +466,7 @@ def _trainer_config(
         schedule_clock=settings["schedule_clock"],
         warmup_steps=settings.get("warmup_steps") or 0,
         grad_guard=True,
+        max_rollbacks=3,
         ema_decay=ema_decay,
         seed=settings["seed"],
         checkpoint_every=max(50, scheduled // 20),
@@ -489,6 +492,8 @@ def format_eacf(result: dict[str, Any]) -> str:
         f"objective {result['objective']}",
         f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (batch {s['batch_size']}, lr {s['lr']:g}; "
         f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped; "
+        + (f"{t['rollbacks']} roll-back(s) after a run-away loss, lr x {t['lr_scale']:g}; "
+           if t.get("rollbacks") else "")
         + (f"EMA {t['ema_decay']:g}; " if t.get("ema_decay") else "no EMA; ")
         + ("resumed; " if t.get("resumed") else "")
         + (f"compiled, {result.get('compile_seconds', 0.0):.0f} s of compilation before the budget)"

@@ -188,6 +188,12 @@ class TrainConfig:
     ``None`` (default) turns it on for E-ACFs (the paper's optimiser) and
     off for CNFs, whose flow-matching gradients have no such outliers.
 
+    ``max_rollbacks``: when the loss runs away (many steps far above the
+    recent losses), restore the weights of a few hundred steps earlier and
+    halve the learning rate, at most this many times
+    (``TrainerConfig.max_rollbacks``); ``None`` (default): 3 for E-ACFs, 0
+    for CNFs.
+
     ``schedule_clock``: ``"steps"`` (default) spans the cosine decay over
     ``max_steps`` (estimated from a timing probe when null), so a rerun with
     the same seed gives the same flow; ``"time"`` spans it over ``minutes``
@@ -205,6 +211,7 @@ class TrainConfig:
     ema_decay: float | None = 0.999
     grad_clip: float | None = 10.0
     grad_guard: bool | None = None
+    max_rollbacks: int | None = None
     schedule_clock: Literal["steps", "time"] = "steps"
     weights: Literal["none", "dataset", "von_mises"] = "none"
     bias_cv: str = "phi"
@@ -509,6 +516,8 @@ def _check_values(p: Protocol) -> None:
             checks.append(("train.max_steps", t.max_steps, "int>=1"))
         if t.max_frames is not None:
             checks.append(("train.max_frames", t.max_frames, "int>=1"))
+        if t.max_rollbacks is not None:
+            checks.append(("train.max_rollbacks", t.max_rollbacks, ">=0"))
         if t.ema_decay is not None and not 0 < t.ema_decay < 1:
             raise ProtocolError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
         if t.model.kind == "eacf":

@@ -227,12 +227,13 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
             )  # fmt: skip
     write_json(settings_file, {"max_steps": max_steps, "n_frames": len(training_data)})
     grad_guard = model.kind == "eacf" if train.grad_guard is None else train.grad_guard
+    max_rollbacks = (3 if model.kind == "eacf" else 0) if train.max_rollbacks is None else train.max_rollbacks
     by_time = train.schedule_clock == "time"
     config = TrainerConfig(
         max_steps=(train.max_steps or 10**9) if by_time else max_steps, max_minutes=train.minutes,
         batch_size=min(train.batch_size, len(training_data)), lr=train.lr, schedule="cosine",
         schedule_clock=train.schedule_clock, warmup_steps=min(100, max_steps // 10), grad_clip=train.grad_clip,
-        grad_guard=grad_guard, ema_decay=train.ema_decay, seed=protocol.seed,
+        grad_guard=grad_guard, max_rollbacks=max_rollbacks, ema_decay=train.ema_decay, seed=protocol.seed,
         checkpoint_every=max(25, max_steps // 20), out_dir=folder, progress=progress,
     )  # fmt: skip
     trainer = Trainer(flow, objective, config, training_data)
@@ -247,6 +248,7 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
         "grad_guard": grad_guard, "schedule_clock": train.schedule_clock,
         "guard_skipped_steps": summary.guard_skipped_steps,
         "guard_clipped_steps": summary.guard_clipped_steps,
+        "rollbacks": summary.rollbacks, "lr_scale": summary.lr_scale,
         "n_training_frames": len(training_data), "n_parameters": sum(p.numel() for p in flow.parameters()),
         "device": str(flow.device), "flow": str(folder / FLOW_FILE), "loss_plot": str(folder / "loss.png"),
     }  # fmt: skip

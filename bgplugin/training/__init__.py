@@ -7,7 +7,8 @@
 - :mod:`~bgplugin.training.trainer`: AdamW, schedules, EMA, clipping, exact
   resume, CSV/PNG logs, step and time budgets.
 - :mod:`~bgplugin.training.guard`: skip/clip outlying gradient norms against
-  the running median (the coupling-flow optimiser guard).
+  the running median (the coupling-flow optimiser guard), and recognise a
+  run-away loss (the trainer's roll-back).
 """
 
 from bgplugin.training.flow_matching import (
@@ -16,7 +17,7 @@ from bgplugin.training.flow_matching import (
     conditional_flow_matching_loss,
     sample_conditional_path,
 )
-from bgplugin.training.guard import GradientGuard, GuardDecision
+from bgplugin.training.guard import GradientGuard, GuardDecision, RunawayLoss
 from bgplugin.training.likelihood import (
     MLKL,
     DataBatch,
@@ -66,6 +67,7 @@ __all__ = [
     "PairingMethod",
     "PairingResult",
     "ReverseKL",
+    "RunawayLoss",
     "Trainer",
     "TrainerConfig",
     "TrainingData",

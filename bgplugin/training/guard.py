@@ -23,7 +23,7 @@ import statistics
 from collections import deque
 from typing import Any, Literal, NamedTuple
 
-__all__ = ["GradientGuard", "GuardDecision"]
+__all__ = ["GradientGuard", "GuardDecision", "RunawayLoss"]
 
 GuardAction = Literal["step", "clip", "skip"]
 
@@ -113,3 +113,81 @@ class GradientGuard:
         self.norms.extend(float(v) for v in state["norms"])
         self.n_skipped = int(state["n_skipped"])
         self.n_clipped = int(state["n_clipped"])
+
+
+class RunawayLoss:
+    r"""Recognise a run-away training loss: ``patience`` losses in a row far above the recent ones.
+
+    With :math:`m` the median and :math:`s = 1.4826\,\mathrm{MAD}` the robust
+    spread of the last ``history`` accepted losses, a loss is *high* when it
+    is non-finite or exceeds :math:`m + z\,\max(s, 10^{-3}|m|, 10^{-12})`
+    (the floors keep a noise-free loss from flagging rounding). High losses
+    do not enter the history, so a blow-up cannot raise its own threshold;
+    ``patience`` high losses in a row make :meth:`observe` return True. A
+    single bad batch (one high loss among normal ones) does not. Nothing is
+    flagged before ``min_history`` losses are recorded.
+
+    Parameters
+    ----------
+    history : int
+        Accepted losses kept.
+    z : float
+        Threshold in robust standard deviations above the median.
+    patience : int
+        Consecutive high losses that make a run-away.
+    min_history : int
+        Losses needed before anything is flagged.
+
+    Examples
+    --------
+    >>> watch = RunawayLoss(history=50, patience=3, min_history=10)
+    >>> any(watch.observe(1.0 + 0.01 * (i % 5)) for i in range(30))
+    False
+    >>> [watch.observe(v) for v in (50.0, 1.0, 80.0, 1e3, float("nan"))]
+    [False, False, False, False, True]
+    """
+
+    def __init__(self, history: int = 200, z: float = 20.0, patience: int = 10, min_history: int = 50) -> None:
+        for name, value in (("history", history), ("patience", patience), ("min_history", min_history)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if min_history > history:
+            raise ValueError(f"min_history ({min_history}) must be <= history ({history})")
+        if not (z > 0 and math.isfinite(z)):
+            raise ValueError(f"z must be a finite number > 0, got {z!r}")
+        self.z = float(z)
+        self.patience = int(patience)
+        self.min_history = int(min_history)
+        self.losses: deque[float] = deque(maxlen=history)
+        self.streak = 0
+
+    def threshold(self) -> float:
+        """Loss above which a step counts as high (inf before ``min_history`` losses)."""
+        if len(self.losses) < self.min_history:
+            return math.inf
+        median = statistics.median(self.losses)
+        mad = statistics.median(abs(v - median) for v in self.losses)
+        return median + self.z * max(1.4826 * mad, 1e-3 * abs(median), 1e-12)
+
+    def observe(self, loss: float) -> bool:
+        """Record one step's loss; True when the last ``patience`` losses were all high."""
+        if math.isfinite(loss) and loss <= self.threshold():
+            self.losses.append(float(loss))
+            self.streak = 0
+            return False
+        self.streak += 1
+        return self.streak >= self.patience
+
+    def reset_streak(self) -> None:
+        """Forget the current run of high losses (after the trainer has rolled back)."""
+        self.streak = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loss history and the current streak (for checkpoints)."""
+        return {"losses": list(self.losses), "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.losses.clear()
+        self.losses.extend(float(v) for v in state["losses"])
+        self.streak = int(state["streak"])

@@ -30,6 +30,7 @@ import os
 import random
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from bgplugin.fileio import atomic_write
 from bgplugin.progress import bar_mininterval
-from bgplugin.training.guard import GradientGuard
+from bgplugin.training.guard import GradientGuard, RunawayLoss
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,22 @@ class TrainerConfig:
     max_nonfinite_steps : int
         Consecutive steps with a non-finite loss or gradient (skipped) after
         which training stops with an error.
+    max_rollbacks : int
+        Roll-backs allowed when the loss runs away (0: off). The trainer
+        keeps in-memory snapshots of the weights, optimiser, EMA and guard
+        (every ``snapshot_every`` steps while the loss is normal); when
+        :class:`~bgplugin.training.guard.RunawayLoss` sees 10 losses in a
+        row far above the recent ones (or non-finite), it restores the
+        older of the last two snapshots, multiplies the learning rate by
+        ``rollback_lr_factor`` for the rest of the run, and goes on with the
+        next batches (the step count and the schedule do not go back). One
+        more run-away after ``max_rollbacks`` restores the snapshot, writes
+        the checkpoint and stops with an error. Checkpoints are not written
+        while the loss is high.
+    rollback_lr_factor : float
+        Factor in (0, 1) applied to the learning rate at each roll-back.
+    snapshot_every : int
+        Steps between in-memory snapshots (with ``max_rollbacks > 0``).
     """
 
     max_steps: int = 10_000
@@ -292,14 +309,17 @@ class TrainerConfig:
     out_dir: str | Path | None = None
     progress: bool = True
     max_nonfinite_steps: int = 20
+    max_rollbacks: int = 0
+    rollback_lr_factor: float = 0.5
+    snapshot_every: int = 200
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "checkpoint_every", "log_every", "prefetch_factor")
+        positive = ("max_steps", "batch_size", "checkpoint_every", "log_every", "prefetch_factor", "snapshot_every")
         for name in (*positive, "max_nonfinite_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "num_workers", "seed"):
+        for name in ("warmup_steps", "num_workers", "seed", "max_rollbacks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -323,13 +343,19 @@ class TrainerConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            raise ValueError(
+                f"rollback_lr_factor must be in (0, 1) (the learning rate is multiplied by it at each roll-back), "
+                f"got {self.rollback_lr_factor}"
+            )
 
 
 class LearningRateFactor:
     """Multiplier of the peak learning rate at a step: linear warm-up, then constant/cosine/linear decay.
 
     With ``budget_seconds`` the decay follows ``elapsed_seconds`` (set by the
-    caller before each evaluation) instead of the step count. Used by
+    caller before each evaluation) instead of the step count. ``scale``
+    multiplies the whole schedule (lowered by the trainer's roll-backs). Used by
     :class:`Trainer` and by :func:`bgplugin.flows.eacf.training.train_eacf`.
     """
 
@@ -347,8 +373,12 @@ class LearningRateFactor:
         self.min_factor = min_factor
         self.budget_seconds = budget_seconds
         self.elapsed_seconds = 0.0
+        self.scale = 1.0
 
     def __call__(self, step: int) -> float:
+        return self.scale * self._shape(step)
+
+    def _shape(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.schedule == "constant":
@@ -453,6 +483,11 @@ class TrainingSummary:
     guard_skipped_steps, guard_clipped_steps : int
         Steps skipped or clipped by the gradient guard in this session
         (``grad_guard``; 0 without it).
+    rollbacks : int
+        Roll-backs after a run-away loss in this session (``max_rollbacks``).
+    lr_scale : float
+        Factor on the scheduled learning rate at the end (1 without
+        roll-backs; ``rollback_lr_factor`` per roll-back, over all sessions).
     """
 
     step: int
@@ -466,6 +501,8 @@ class TrainingSummary:
     skipped_steps: int
     guard_skipped_steps: int = 0
     guard_clipped_steps: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -539,6 +576,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = None if config.ema_decay is None else ExponentialMovingAverage(self.parameters, config.ema_decay)
         self.guard = GradientGuard() if config.grad_guard else None
+        self.runaway = RunawayLoss() if config.max_rollbacks > 0 else None
+        self.rollbacks = 0
+        self._snapshots: deque[dict[str, Any]] = deque(maxlen=2)
         self.out_dir = None if config.out_dir is None else Path(config.out_dir)
         self.step = 0
         self.elapsed_seconds = 0.0
@@ -592,6 +632,11 @@ class Trainer:
         skipped = 0
         guard_counts = (0, 0) if self.guard is None else (self.guard.n_skipped, self.guard.n_clipped)
         consecutive_bad = 0
+        rollbacks_before = self.rollbacks
+        checkpoint_due = False
+        self._snapshots.clear()
+        if self.runaway is not None:
+            self._snapshot()
         stopped_by: StopReason = "max_steps" if end == self.config.max_steps else "stop_at"
         consistent = True
         session_start = time.perf_counter()
@@ -684,8 +729,16 @@ class Trainer:
                     self._flush_csv()
                     postfix = {"step": self.step} if by_time else {}
                     bar.set_postfix(**postfix, loss=f"{self._recent_loss():.4g}", refresh=False)
-                if self.step % self.config.checkpoint_every == 0:
-                    self._save_outputs()
+                if self.runaway is not None:
+                    if self.runaway.observe(loss_value):
+                        self._roll_back(loss_value)
+                        consecutive_bad = 0
+                    elif self.runaway.streak == 0 and self.step % self.config.snapshot_every == 0:
+                        self._snapshot()
+                checkpoint_due = checkpoint_due or self.step % self.config.checkpoint_every == 0
+                if checkpoint_due and (self.runaway is None or self.runaway.streak == 0):
+                    self._save_outputs()  # not while the loss is high: a checkpoint must be worth resuming
+                    checkpoint_due = False
         except KeyboardInterrupt:
             if consistent:
                 logger.warning("interrupted at step %d; writing a checkpoint before stopping", self.step)
@@ -707,6 +760,8 @@ class Trainer:
             skipped_steps=skipped,
             guard_skipped_steps=0 if self.guard is None else self.guard.n_skipped - guard_counts[0],
             guard_clipped_steps=0 if self.guard is None else self.guard.n_clipped - guard_counts[1],
+            rollbacks=self.rollbacks - rollbacks_before,
+            lr_scale=self._lr_factor.scale,
         )
         pairing = (
             "" if summary.mean_pairing_seconds is None else f", pairing {1e3 * summary.mean_pairing_seconds:.1f} ms"
@@ -722,6 +777,66 @@ class Trainer:
                 summary.guard_skipped_steps, summary.guard_clipped_steps,
             )
         return summary
+
+    # -------------------------------------------------------------- roll-back
+    def _snapshot(self) -> None:
+        """Keep an in-memory copy of the state a roll-back restores (the last two are kept)."""
+        assert self.runaway is not None
+        self._snapshots.append(
+            copy.deepcopy(
+                {
+                    "step": self.step,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "ema": None if self.ema is None else self.ema.state_dict(),
+                    "guard": None if self.guard is None else self.guard.state_dict(),
+                    "runaway": self.runaway.state_dict(),
+                    "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
+                }
+            )
+        )
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        # copies: the optimiser adopts tensors it is given, and the snapshot may be restored again
+        snapshot = copy.deepcopy(snapshot)
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(snapshot["ema"])
+        if self.guard is not None:
+            self.guard.load_state_dict(snapshot["guard"])
+        assert self.runaway is not None
+        self.runaway.load_state_dict(snapshot["runaway"])
+        self.runaway.reset_streak()
+        if snapshot["objective"] is not None:
+            self.objective.load_state_dict(snapshot["objective"])  # type: ignore[attr-defined]
+
+    def _roll_back(self, loss_value: float) -> None:
+        """Restore the older snapshot after a run-away loss and lower the learning rate (or stop)."""
+        snapshot = self._snapshots[0]
+        self._restore(snapshot)
+        self._snapshots.clear()
+        self._snapshots.append(snapshot)
+        if self.rollbacks >= self.config.max_rollbacks:
+            self._save_outputs()
+            raise RuntimeError(
+                f"the training loss ran away (last {loss_value:.4g}) at step {self.step} after "
+                f"{self.rollbacks} roll-back(s) (max_rollbacks={self.config.max_rollbacks}); the checkpoint holds "
+                f"the weights of step {snapshot['step']}. Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g}) "
+                "or raise max_rollbacks, and resume"
+            )
+        self.rollbacks += 1
+        self._lr_factor.scale *= self.config.rollback_lr_factor
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        logger.warning(
+            "step %d: the training loss ran away (last %.4g); rolled back to the weights of step %d and scaled the "
+            "learning rate by %g (roll-back %d of %d)",
+            self.step, loss_value, snapshot["step"], self._lr_factor.scale, self.rollbacks,
+            self.config.max_rollbacks,
+        )  # fmt: skip
 
     def _guarded_clip(self) -> tuple[float, bool, bool]:
         """Apply the gradient guard, then ``grad_clip``; return (norm, finite, take the update)."""
@@ -774,6 +889,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
+            "runaway": None if self.runaway is None else self.runaway.state_dict(),
+            "rollbacks": self.rollbacks,
             # objectives with state of their own (FAB's replay buffer) expose state_dict / load_state_dict
             "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
             "rng": _rng_state(),
@@ -818,6 +935,9 @@ class Trainer:
                 self.guard.load_state_dict(state["guard"])
             else:
                 logger.info("%s has no gradient-guard history; the guard starts a new one", path)
+        if self.runaway is not None and state.get("runaway") is not None:
+            self.runaway.load_state_dict(state["runaway"])
+        self.rollbacks = int(state.get("rollbacks", 0))
         if hasattr(self.objective, "load_state_dict"):
             if state.get("objective") is not None:
                 self.objective.load_state_dict(state["objective"])
