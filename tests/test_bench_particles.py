@@ -227,3 +227,27 @@ def test_bad_num_workers_is_refused_before_anything_is_written(tmp_path: Path, b
     with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
         bench_particles("dw4", "ot", 0.1, tmp_path / "out", num_workers=bad)  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_a_wider_prior_reaches_the_flow_and_the_settings(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    """``prior_std`` builds the CNF on that prior; the NLL with the constant stays -log q of the saved flow."""
+    _, out = run
+    with pytest.raises(ValueError, match="prior_std"):  # a finished unit-prior run is not resumed with another prior
+        bench_particles("dw4", "ot", MINUTES, _copy(out, tmp_path), **SMALL, prior_std=2.1)
+    result = bench_particles("dw4", "ot", MINUTES, tmp_path / "wide", **{**SMALL, "n_eval_test": 16}, prior_std=2.1)
+    assert result["settings"]["prior_std"] == 2.1
+    flow = load_flow(tmp_path / "wide" / "flow.pt", device="cpu")
+    assert flow.prior.std == 2.1
+    x_all = load_split(get_system("dw4"), "test")
+    x = torch.as_tensor(x_all[evaluation_subset(len(x_all), 16, SMALL["seed"])])
+    with torch.no_grad():
+        assert result["nll_with_prior_constant"] == pytest.approx(float(-flow.log_prob(x).double().mean()), abs=1e-4)
+    assert result["nll"] == pytest.approx(result["nll_with_prior_constant"] - prior_constant(4, 2), abs=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, True])
+def test_bad_prior_std_is_refused_before_anything_is_written(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="prior_std must be a finite number > 0"):
+        bench_particles("dw4", "ot", 0.1, tmp_path / "out", prior_std=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()

@@ -113,6 +113,9 @@ def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tm
               "--batch-size", "8", "--eval-test", "300"])  # fmt: skip
     assert seen["no_compile"] is True
     assert (seen["hidden"], seen["layers"], seen["batch_size"], seen["eval_test"]) == (16, 2, 8, 300)
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--model", "eacf", "--prior-std", "1.5"])
+    assert seen["prior_std"] == 1.5
     with pytest.raises(SystemExit, match="flow matching, which trains CNFs"):
         main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
     with pytest.raises(SystemExit, match="add --model eacf"):
@@ -135,6 +138,11 @@ def test_bench_particles_passes_the_model_size_to_the_cnf_benchmark(monkeypatch)
     assert seen["n_eval_test"] is None  # the system default (DW4: the whole test split)
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--objective", "ot", "--eval-test", "2000"])
-    assert seen["n_eval_test"] == 2000
+    assert seen["n_eval_test"] == 2000 and seen["prior_std"] == 1.0  # the published prior by default
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--objective", "cfm", "--prior-std", "2.1"])
+    assert seen["prior_std"] == 2.1
+    with pytest.raises(SystemExit):
+        main(["bench", "dw4", "--prior-std", "0"])  # argparse refuses it
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--hidden", "0"])  # argparse refuses it
