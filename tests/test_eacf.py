@@ -664,6 +664,7 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert by_draws["2"]["nll_stderr"] == pytest.approx(result["nll_stderr"], rel=1e-9)
     speed = result["speed"]  # rates only: comparing timings in a test flakes on a loaded machine (CI did)
     assert speed["n_marginal"] == 2 and speed["n_eacf"] == 64 and speed["n_cnf"] == 2
+    assert speed["n_eacf_marginal"] == 64  # M = 2 < 20: the whole n_eacf
     for key in ("eacf_joint_samples_per_s", "eacf_marginal_samples_per_s", "cnf_samples_per_s"):
         assert math.isfinite(speed[key]) and speed[key] > 0, key
     assert speed["ratio_joint_vs_cnf"] == pytest.approx(speed["eacf_joint_samples_per_s"] / speed["cnf_samples_per_s"])
