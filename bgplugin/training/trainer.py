@@ -804,7 +804,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(snapshot["ema"])
         if self.guard is not None:
+            counts = self.guard.n_skipped, self.guard.n_clipped  # the counters keep what happened since
             self.guard.load_state_dict(snapshot["guard"])
+            self.guard.n_skipped, self.guard.n_clipped = counts
         assert self.runaway is not None
         self.runaway.load_state_dict(snapshot["runaway"])
         self.runaway.reset_streak()
