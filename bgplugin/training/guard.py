@@ -28,6 +28,15 @@ __all__ = ["GradientGuard", "GuardDecision", "RunawayLoss"]
 GuardAction = Literal["step", "clip", "skip"]
 
 
+def _check_history(history: int, min_history: int, **others: int) -> None:
+    """Window sizes of :class:`GradientGuard` / :class:`RunawayLoss`: integers >= 1, ``min_history <= history``."""
+    for name, value in (("history", history), *others.items(), ("min_history", min_history)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if min_history > history:
+        raise ValueError(f"min_history ({min_history}) must be <= history ({history})")
+
+
 class GuardDecision(NamedTuple):
     """What :meth:`GradientGuard.decide` says about one gradient.
 
@@ -74,11 +83,7 @@ class GradientGuard:
         clip_factor: float = 5.0,
         min_history: int = 20,
     ) -> None:
-        for name, value in (("history", history), ("min_history", min_history)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if min_history > history:
-            raise ValueError(f"min_history ({min_history}) must be <= history ({history})")
+        _check_history(history, min_history)
         if not 1.0 <= clip_factor <= skip_factor:
             raise ValueError(f"need 1 <= clip_factor <= skip_factor, got clip {clip_factor}, skip {skip_factor}")
         self.skip_factor = float(skip_factor)
@@ -148,11 +153,7 @@ class RunawayLoss:
     """
 
     def __init__(self, history: int = 200, z: float = 20.0, patience: int = 10, min_history: int = 50) -> None:
-        for name, value in (("history", history), ("patience", patience), ("min_history", min_history)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if min_history > history:
-            raise ValueError(f"min_history ({min_history}) must be <= history ({history})")
+        _check_history(history, min_history, patience=patience)
         if not (z > 0 and math.isfinite(z)):
             raise ValueError(f"z must be a finite number > 0, got {z!r}")
         self.z = float(z)

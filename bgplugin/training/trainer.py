@@ -829,16 +829,20 @@ class Trainer:
             )
         self.rollbacks += 1
         self._lr_factor.scale *= self.config.rollback_lr_factor
-        factor = self._lr_factor(self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * factor
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        self._apply_lr_factor()
         logger.warning(
             "step %d: the training loss ran away (last %.4g); rolled back to the weights of step %d and scaled the "
             "learning rate by %g (roll-back %d of %d)",
             self.step, loss_value, snapshot["step"], self._lr_factor.scale, self.rollbacks,
             self.config.max_rollbacks,
         )  # fmt: skip
+
+    def _apply_lr_factor(self) -> None:
+        """Set the learning rate of the current step from the schedule now (after its budget or scale changed)."""
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
 
     def _guarded_clip(self) -> tuple[float, bool, bool]:
         """Apply the gradient guard, then ``grad_clip``; return (norm, finite, take the update)."""
@@ -921,10 +925,7 @@ class Trainer:
         # the time clock spans this run's budget: a resumed run given more minutes stretches the rest of the decay
         if self.config.schedule_clock == "time":
             self._lr_factor.budget_seconds = 60.0 * self.config.max_minutes  # type: ignore[operator]
-            factor = self._lr_factor(self.scheduler.last_epoch)
-            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-                group["lr"] = base * factor
-            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[attr-defined]
+            self._apply_lr_factor()
         if (state["ema"] is None) != (self.ema is None):
             raise ValueError(
                 f"{path} was written {'with' if state['ema'] is not None else 'without'} EMA but this trainer has "
