@@ -142,6 +142,19 @@ def test_format_particles_shows_both_nlls(run: tuple[dict[str, Any], Path]) -> N
     assert "prior constant excluded" in text
 
 
+@needs_data
+def test_target_density_is_consistent_with_the_flow_nll(run: tuple[dict[str, Any], Path]) -> None:
+    """KL = flow NLL - exact-target NLL on the same test frames; both NLLs carry the same prior constant."""
+    result, _ = run
+    target = result["target_density"]
+    assert target["n_samples"] == 64 and target["n_test"] == 64
+    assert result["nll"] - target["nll"] == pytest.approx(target["kl"], abs=1e-9)
+    assert target["nll_with_prior_constant"] - target["nll"] == pytest.approx(result["prior_constant"])
+    for key in ("nll_stderr", "kl_stderr", "log_z_stderr"):
+        assert math.isfinite(target[key]) and target[key] > 0.0
+    assert "exact target density" in format_particles(result)
+
+
 # ----------------------------------------------------------------- resume
 @needs_data
 def test_rerun_resumes_from_the_checkpoint(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:

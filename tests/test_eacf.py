@@ -672,6 +672,10 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "loss.csv").is_file()
     assert result["training"]["resumed"] is False
     assert "E-ACF" in format_eacf(result)
+    target = result["target_density"]  # Z from the joint weights; KL paired with the marginal-estimate NLL
+    assert result["nll"] - target["nll"] == pytest.approx(target["kl"], abs=1e-9)
+    assert target["n_samples"] == 64 and target["n_test"] == 64 and target["log_z_stderr"] > 0.0
+    assert "exact target density" in format_eacf(result)
 
     # the same command again resumes the finished run: no further steps, the same flow evaluated again
     options = {"minutes": 1.0, "max_steps": 3, "n_blocks": 1, "hidden": 8, "n_marginal": 2, "n_eval_samples": 64,

@@ -23,6 +23,11 @@ wall-clock budget, then reports
     :math:`-u(x) + \log\pi(a|x) - \log q(x, a)` (a lower bound of the marginal ESS);
 ``forward_ess``
     on test configurations with marginal-estimate weights;
+``target_density``
+    the NLL of the exact target density on the same test configurations,
+    with :math:`\log Z` from the joint importance weights of the flow
+    samples, and the paired KL (flow NLL of the marginal estimate minus the
+    target's), as in :func:`bgplugin.benchmarks.particles.bench_particles`;
 ``speed``
     samples/s on this machine for E-ACF joint samples with exact joint log q
     (one pass), E-ACF samples with the M-draw marginal log q, and the CNF of
@@ -56,6 +61,7 @@ from bgplugin.benchmarks.particles import (
     kish_ess,
     load_split,
     prior_constant,
+    target_density,
 )
 from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, build_flow, load_flow
@@ -190,6 +196,9 @@ def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, 
         out["ess"] = kish_ess(lw[ok_w], n_total=n_samples)
         out["ess_joint"] = kish_ess(lw_joint[ok_joint], n_total=n_samples)
         out["failed_frames"] = int((~ok_w).sum())
+        # Z from the joint weights (unbiased for any number of draws), log p - log q_M on the test frames
+        lw_joint_or_zero = torch.where(ok_joint, lw_joint, torch.full_like(lw_joint, -math.inf))
+        out["target_density"] = target_density(lw_joint_or_zero, u_test, log_q_test, constant)
         out["mean_energy_flow"] = float(u[torch.isfinite(u)].mean())
         out["mean_energy_test"] = float(u_test[torch.isfinite(u_test)].mean())
         # float32 round trip of the flow on its own samples
@@ -488,6 +497,14 @@ def _draws_line(table: dict[str, dict[str, float]] | None) -> list[str]:
         f"m={m} {row['nll']:.3f}" for m, row in table.items())]  # fmt: skip
 
 
+def _target_lines(target: dict[str, Any] | None) -> list[str]:
+    if not target:
+        return []
+    return [f"NLL of the exact target density on the same test frames: {target['nll']:.3f} +- "
+            f"{target['nll_stderr']:.3f}; flow - target (KL(p||q)) {target['kl']:.3f} +- {target['kl_stderr']:.3f}; "
+            f"log Z {target['log_z']:.3f} +- {target['log_z_stderr']:.3f}"]  # fmt: skip
+
+
 def format_eacf(result: dict[str, Any]) -> str:
     """A readable table of one :func:`bench_eacf` result."""
     s, t, v = result["settings"], result["training"], result["speed"]
@@ -510,6 +527,7 @@ def format_eacf(result: dict[str, Any]) -> str:
         *_draws_line(result.get("nll_by_marginal_draws")),
         f"reverse ESS: {100 * result['ess']:.1f} % (marginal estimate), {100 * result['ess_joint']:.1f} % (joint); "
         f"forward ESS {100 * result['forward_ess']:.1f} %",
+        *_target_lines(result.get("target_density")),
         f"samples/s with log q: E-ACF joint (exact) {v['eacf_joint_samples_per_s']:.0f}, E-ACF marginal "
         f"(M={v['n_marginal']}) {v['eacf_marginal_samples_per_s']:.0f}, CNF {v['cnf_samples_per_s']:.1f} "
         f"-> {v['ratio_joint_vs_cnf']:.0f}x / {v['ratio_marginal_vs_cnf']:.1f}x",

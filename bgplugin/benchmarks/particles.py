@@ -23,6 +23,14 @@ the numbers of that paper's Table 1 and a few more:
 ``path_length``
     mean :math:`|x_1 - x_0|` (all coordinates) between test configurations
     :math:`x_1` and their images :math:`x_0` in the prior under the learned map;
+``target_density``
+    the NLL of the *exact* target density on the same test configurations,
+    :math:`\frac1n\sum_i [u(x_i) + \log Z]` with :math:`\log Z` estimated by
+    importance sampling from the flow samples of ``ess``, with and without the
+    prior constant, and the paired estimate of :math:`\mathrm{KL}(p\,\|\,q)`
+    (``kl`` = flow NLL minus target NLL), with standard errors
+    (:func:`bgplugin.reweighting.target_likelihood`): the floor for ``nll`` on
+    this split, and how far the flow is from it;
 ``integration_error``
     largest, mean and median :math:`|\Delta\log q|` and :math:`|\Delta x|` of
     the fixed-step RK4 solver used for every number above, against adaptive
@@ -60,6 +68,7 @@ from bgplugin.energies.particles import pairwise_distances
 from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, DeviceSpec, FieldKind, build_flow
 from bgplugin.flows.bench import torch_threads
+from bgplugin.reweighting import log_weights, target_likelihood
 from bgplugin.systems import System, get_system
 from bgplugin.training import (
     FlowMatching,
@@ -358,6 +367,33 @@ def _energies(system: System, x: Tensor) -> tuple[Tensor, int]:
     return u, int((~torch.isfinite(u)).sum())
 
 
+def target_density(log_w_samples: Any, u_test: Any, log_q_test: Any, constant: float) -> dict[str, Any] | None:
+    """``target_density`` of a benchmark result: :func:`bgplugin.reweighting.target_likelihood` in the table's units.
+
+    None (and a warning) when no flow sample has a positive weight, so that
+    ``log Z`` cannot be estimated.
+    """
+    try:
+        t = target_likelihood(log_w_samples, u_test, log_q_test)
+    except ValueError as error:
+        logger.warning("no target-density NLL: %s", error)
+        return None
+    return {
+        "nll": t.nll_target - constant,
+        "nll_with_prior_constant": t.nll_target,
+        "nll_stderr": t.nll_target_stderr,
+        "kl": t.kl,
+        "kl_stderr": t.kl_stderr,
+        "log_z": t.log_z,
+        "log_z_stderr": t.log_z_stderr,
+        "n_samples": t.n_samples,
+        "n_test": t.n_data,
+        "definition": "nll: mean of u(x) + log Z over the test configurations (the exact target density's NLL, "
+                      "prior constant excluded as in the table); log Z by importance sampling from the flow "
+                      "samples of ess; kl: paired mean of log p - log q = flow NLL - target NLL",
+    }  # fmt: skip
+
+
 def _evaluate(
     flow: CNF,
     system: System,
@@ -402,6 +438,7 @@ def _evaluate(
         ok_s = torch.isfinite(lw)
         out["ess"] = kish_ess(lw[ok_s], n_total=n_samples)
         out["failed_frames"] = int((~ok_s).sum())
+        out["target_density"] = target_density(log_weights(u, log_q), u_test, log_q_test, constant)
         if out["failed_frames"]:
             logger.warning(
                 "%d of %d flow samples have a non-finite energy or log q (%d energy failures); "
@@ -784,6 +821,17 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _target_rows(target: dict[str, Any] | None, row: Any) -> list[str]:
+    """The exact target density's NLL and the paired KL, when the result has them."""
+    if not target:
+        return []
+    return [
+        row("NLL of the exact target density", f"{target['nll']:.3f} ± {target['nll_stderr']:.3f}"),
+        row("  flow - target (KL(p||q))", f"{target['kl']:.3f} ± {target['kl_stderr']:.3f}"),
+        row("  log Z (IS, flow samples)", f"{target['log_z']:.3f} ± {target['log_z_stderr']:.3f}"),
+    ]
+
+
 def format_particles(result: dict[str, Any]) -> str:
     """A table of one :func:`bench_particles` result, with the published numbers next to it."""
     s, t, p = result["settings"], result["training"], result["published"]
@@ -812,6 +860,7 @@ def format_particles(result: dict[str, Any]) -> str:
         row("reverse ESS (Kish / n)", f"{100 * result['ess']:.1f} %", published("ess", 100.0, " %")),
         row("forward ESS / n", f"{100 * result['forward_ess']:.1f} %"),
         row("path length |x1 - x0|", f"{result['path_length']:.3f}", published("path_length")),
+        *_target_rows(result.get("target_density"), row),
         f"{err['solver']} vs {err['reference']}, {err['n_samples']} samples / test configurations:",
         row("  samples: |dlog q| max / median", f"{err['log_q_max_abs']:.1e} / {err['log_q_median_abs']:.1e}"),
         row("  samples: |dx| max / mean", f"{err['x_max_abs']:.1e} / {err['x_mean_abs']:.1e}"),

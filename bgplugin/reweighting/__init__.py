@@ -18,12 +18,14 @@ from bgplugin.reweighting.sampling import (
 from bgplugin.reweighting.trajectory import EQUAL_WEIGHTS_DEFINITION, WeightedTrajectory
 from bgplugin.reweighting.weights import (
     LOG_WEIGHTS_DEFINITION,
+    TargetLikelihood,
     WeightDiagnostics,
     clip_log_weights,
     ess,
     forward_ess,
     log_weights,
     normalized_weights,
+    target_likelihood,
     weight_diagnostics,
 )
 
@@ -32,6 +34,7 @@ __all__ = [
     "LOG_WEIGHTS_DEFINITION",
     "ReweightingResult",
     "Sampler",
+    "TargetLikelihood",
     "WeightDiagnostics",
     "WeightedTrajectory",
     "clip_log_weights",
@@ -42,5 +45,6 @@ __all__ = [
     "proposal_is_reflection_symmetric",
     "reweight",
     "reweight_samples",
+    "target_likelihood",
     "weight_diagnostics",
 ]
