@@ -27,6 +27,7 @@ from bgplugin.benchmarks.particles import (
     kish_ess,
     load_split,
     prior_constant,
+    target_density,
 )
 from bgplugin.flows import build_flow, load_flow
 from bgplugin.systems import get_system
@@ -153,6 +154,17 @@ def test_target_density_is_consistent_with_the_flow_nll(run: tuple[dict[str, Any
     for key in ("nll_stderr", "kl_stderr", "log_z_stderr"):
         assert math.isfinite(target[key]) and target[key] > 0.0
     assert "exact target density" in format_particles(result)
+
+
+def test_target_density_in_table_units_and_none_without_weights(caplog: pytest.LogCaptureFixture) -> None:
+    """The helper subtracts the prior constant like ``nll``; no positive weight gives None and a warning."""
+    rng = np.random.default_rng(0)
+    lw, u, lq = rng.normal(size=500), rng.normal(size=50), rng.normal(size=50)
+    row = target_density(lw, u, lq, constant=5.0)
+    assert row["nll_with_prior_constant"] - row["nll"] == pytest.approx(5.0)
+    assert row["kl"] == pytest.approx(float(np.mean(-u - lq)) - row["log_z"])
+    assert target_density(np.full(5, -np.inf), u, lq, constant=5.0) is None
+    assert "no target-density NLL" in caplog.text
 
 
 # ----------------------------------------------------------------- resume
