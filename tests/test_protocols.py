@@ -193,6 +193,25 @@ def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
     assert (out / "report.md").is_file() and (out / "protocol.yaml").is_file()
     with np.load(out / "reweight" / "reweighted.npz") as saved:
         assert np.isfinite(saved["log_q"]).all()
+        log_w = saved["log_w"]
+    # KL(p||q) on the training frames: the mirrored proposal's density log[q(x) + q(Mx)] on the data, log Z from
+    # the samples' weights (quickstart: chirality mirror, an E(n) flow, so q(Mx) = q(x))
+    fit = results["steps"]["reweight"]["target_likelihood"]
+    with np.load(out / "reweight" / "data_energies.npz") as frames:
+        u_data, lq_data, data_lw = frames["u"], frames["log_q"], frames["log_w"]
+    from bgplugin.flows import load_flow
+    from bgplugin.reweighting import target_likelihood
+
+    flow = load_flow(out / "train" / "flow.pt", device="cpu", compiled=False)
+    with np.load(out / "reweight" / "data_energies.npz") as frames:
+        positions = frames["positions"]
+    with torch.no_grad():
+        raw = flow.log_prob(torch.as_tensor(positions - positions.mean(1, keepdims=True), dtype=torch.float32))
+    np.testing.assert_allclose(lq_data, raw.double().numpy() + np.log(2.0), rtol=1e-5, atol=1e-4)
+    expected = target_likelihood(log_w, u_data, lq_data, data_lw)
+    assert fit["kl"] == pytest.approx(expected.kl) and fit["n_data"] == 8 and fit["n_samples"] == 24
+    assert on_disk["target_kl"] == pytest.approx(fit["kl"]) and "KL(p‖q) on training frames" in (
+        out / "report.md").read_text()  # fmt: skip
 
     again = run_protocol(tiny_quickstart(), out, device="cpu", progress=False)  # everything finished: nothing reruns
     assert again["wall_seconds"] == results["wall_seconds"]

@@ -124,12 +124,15 @@ def _run_step(step: str, proto: Protocol, run: RunDirectory, progress: bool, dev
 def results_of(run: RunDirectory, device: str) -> dict[str, Any]:
     """Every number of the run so far, with the headline keys at the top level."""
     rw, prof = run.summary("reweight"), run.summary("profile")
+    fit = rw.get("target_likelihood") or {}
     wall = run.wall_seconds()
     results: dict[str, Any] = {
         "protocol": run.protocol.name,
         "system": run.protocol.system,
         "ess": rw.get("ess"),
         "forward_ess": rw.get("forward_ess"),
+        "target_kl": fit.get("kl"),
+        "target_kl_stderr": fit.get("kl_stderr"),
         "delta_f": prof.get("delta_f"),
         "delta_f_error": prof.get("delta_f_error"),
         "reference_delta_f": prof.get("reference_delta_f"),
@@ -253,6 +256,11 @@ def _report_text(proto: Protocol, results: dict[str, Any], plots: dict[str, str]
     fwd = results.get("forward_ess")
     lines.append(f"| reverse ESS | {_fmt(None if ess is None else 100 * ess, digits=2)} % |")
     lines.append(f"| forward ESS | {_fmt(None if fwd is None else 100 * fwd, digits=2)} % |")
+    fit = steps.get("reweight", {}).get("target_likelihood")
+    if fit:
+        lines.append(f"| KL(p‖q) on training frames (flow NLL − exact target NLL; log Z from the samples, "
+                     f"their ESS {100 * fit['ess']:.2f} %) | {_fmt(fit['kl'], fit['kl_stderr'])} nats"
+                     + (" (conservative: ESS < 5 %)" if fit["ess"] < 0.05 else "") + " |")  # fmt: skip
     lines.append(f"| ΔF (flow, reweighted) | {_fmt(results.get('delta_f'), results.get('delta_f_error'))} kT |")
     sim = results.get("simulation_delta_f")
     if sim is not None:

@@ -354,6 +354,7 @@ def _target_energy(protocol: Protocol, system: Any) -> Any:
 
 def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
     """Importance weights of the flow samples against the target energy; forward ESS on training frames."""
+    from bgplugin.analysis import mirror
     from bgplugin.reweighting import forward_ess, proposal_is_reflection_symmetric, reweight_samples
 
     cfg = protocol.reweight
@@ -373,11 +374,19 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
         with torch.no_grad():
             return torch.cat([flow.log_prob(c.to(flow.device)).cpu() for c in xs.split(64)]).double().numpy()
 
+    symmetric = proposal_is_reflection_symmetric(flow)
+
+    def proposal_log_prob(positions: np.ndarray) -> np.ndarray:  # the density the samples' weights divide by
+        lq = flow_log_prob(positions)
+        if cfg.chirality != "mirror":
+            return lq
+        return lq + np.log(2.0) if symmetric else np.logaddexp(lq, flow_log_prob(mirror(positions)))
+
     try:
         result = reweight_samples(
             x, log_q, energy, system=system, chirality=cfg.chirality,
             clip=None if cfg.clip_quantile is None else {"quantile": cfg.clip_quantile},
-            reflection_symmetric=proposal_is_reflection_symmetric(flow), log_prob=flow_log_prob, progress=progress,
+            reflection_symmetric=symmetric, log_prob=flow_log_prob, progress=progress,
         )  # fmt: skip
         summary: dict[str, Any] = dict(result.to_dict())
         topology = getattr(system, "topology", None)
@@ -392,23 +401,36 @@ def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: 
             pick = np.sort(np.random.default_rng(protocol.seed).choice(len(data), n_fwd, replace=False))
             frames = data[pick]
             xd = frames.positions - frames.positions.mean(axis=1, keepdims=True)
-            lq_data = flow_log_prob(xd)
+            lq_data = proposal_log_prob(xd)
             u_data = energy.evaluate(torch.as_tensor(xd, dtype=torch.float64)).u.numpy()
             data_lw = None if frames.log_weights is None else frames.log_weights
             summary["forward_ess"] = forward_ess(lq_data, u_data, data_lw)
             summary["forward_ess_frames"] = int(n_fwd)
+            summary["target_likelihood"] = _target_fit(result.log_w_unclipped, u_data, lq_data, data_lw)
             atomic_write(folder / DATA_ENERGIES_FILE,
                          lambda handle: np.savez(handle, u=u_data, log_q=lq_data,
                                                  log_w=np.zeros(n_fwd) if data_lw is None else data_lw,
                                                  positions=frames.positions))  # fmt: skip
         else:
-            summary["forward_ess"] = None
+            summary["forward_ess"] = summary["target_likelihood"] = None
     finally:
         close = getattr(energy, "close", None)
         if close is not None:
             close()
     summary["energy"] = cfg.energy
     return summary
+
+
+def _target_fit(log_w: np.ndarray, u_data: np.ndarray, lq_data: np.ndarray,
+                data_lw: np.ndarray | None) -> dict[str, Any] | None:  # fmt: skip
+    """KL(p || q) on the training frames, log Z from the samples (None, logged, when no sample has weight)."""
+    from bgplugin.reweighting import target_likelihood
+
+    try:
+        return target_likelihood(log_w, u_data, lq_data, data_lw).to_dict()
+    except ValueError as error:
+        logger.warning("no KL estimate on the training frames: %s", error)
+        return None
 
 
 # ---------------------------------------------------------------------- profile
