@@ -353,7 +353,7 @@ def _target_energy(protocol: Protocol, system: Any) -> Any:
 
 
 def run_reweight(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
-    """Importance weights of the flow samples against the target energy; forward ESS on training frames."""
+    """Importance weights of the samples against the target energy; forward ESS and KL(p || q) on training frames."""
     from bgplugin.analysis import mirror
     from bgplugin.reweighting import forward_ess, proposal_is_reflection_symmetric, reweight_samples
 
