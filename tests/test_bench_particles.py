@@ -151,8 +151,9 @@ def test_target_density_is_consistent_with_the_flow_nll(run: tuple[dict[str, Any
     assert target["n_samples"] == 64 and target["n_test"] == 64
     assert result["nll"] - target["nll"] == pytest.approx(target["kl"], abs=1e-9)
     assert target["nll_with_prior_constant"] - target["nll"] == pytest.approx(result["prior_constant"])
-    for key in ("nll_stderr", "kl_stderr", "log_z_stderr"):
+    for key in ("nll_stderr", "kl_stderr", "log_z_stderr", "log_z_forward_stderr"):
         assert math.isfinite(target[key]) and target[key] > 0.0
+    assert target["nll_forward"] - target["nll"] == pytest.approx(target["log_z_forward"] - target["log_z"])
     assert "exact target density" in format_particles(result)
 
 

@@ -146,10 +146,12 @@ def test_forward_ess_is_zero_when_the_flow_misses_data() -> None:
     assert forward_ess(np.array([-1.0, -1.0]), np.array([2.0, 2.0])) == pytest.approx(1.0)
 
 
-def _gaussian_case(n: int, m: int, seed: int, data_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Target N(0, 1)^2 with u = |x|^2/2 + 3; flow q = N((0.5, 0), 1.3^2); data ~ N(0, data_scale^2)^2."""
+def _gaussian_case(
+    n: int, m: int, seed: int, data_scale: float = 1.0, sq: float = 1.3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Target N(0, 1)^2 with u = |x|^2/2 + 3; flow q = N((0.5, 0), sq^2); data ~ N(0, data_scale^2)^2."""
     rng = np.random.default_rng(seed)
-    mean_q, sq = np.array([0.5, 0.0]), 1.3
+    mean_q = np.array([0.5, 0.0])
 
     def log_q(x: np.ndarray) -> np.ndarray:
         return -0.5 * ((x - mean_q) ** 2).sum(1) / sq**2 - 2 * math.log(math.sqrt(2 * math.pi) * sq)
@@ -173,6 +175,7 @@ def test_target_likelihood_matches_gaussian_closed_forms() -> None:
     assert abs(result.nll_target - entropy) < N_SIGMA * result.nll_target_stderr, (result.nll_target, entropy)
     assert abs(result.kl - kl) < N_SIGMA * result.kl_stderr, (result.kl, kl)
     assert result.kl_stderr < 0.01 and result.log_z_stderr < 0.005  # the paired estimate is precise
+    assert abs(result.log_z_forward - log_z) < N_SIGMA * result.log_z_forward_stderr, (result.log_z_forward, log_z)
     assert (result.n_data, result.n_samples, result.n_failed_samples) == (100_000, 200_000, 0)
 
 
@@ -190,6 +193,8 @@ def test_target_likelihood_with_weighted_data_matches_the_closed_forms() -> None
     kl = 2 * math.log(sq) + (2 + 0.5**2) / (2 * sq**2) - 1.0
     assert abs(weighted.nll_target - entropy) < N_SIGMA * weighted.nll_target_stderr, weighted
     assert abs(weighted.kl - kl) < N_SIGMA * weighted.kl_stderr, weighted
+    log_z = math.log(2 * math.pi) - 3.0
+    assert abs(weighted.log_z_forward - log_z) < N_SIGMA * weighted.log_z_forward_stderr, weighted
     unweighted = target_likelihood(lw, u, log_q)  # ignoring the bias is wrong by many standard errors
     assert abs(unweighted.nll_target - entropy) > 10 * unweighted.nll_target_stderr
     assert 0.5 < weighted.ess < 0.9  # the flow's own weights: N((0.5, 0), 1.3^2) against N(0, 1)
@@ -198,10 +203,16 @@ def test_target_likelihood_with_weighted_data_matches_the_closed_forms() -> None
 
 
 def test_target_likelihood_standard_error_is_calibrated() -> None:
-    """Over 300 independent small runs the spread of log Z is the reported standard error (within 20 %)."""
+    """Over 300 independent small runs the spread of either log Z estimate is its reported standard error (20 %)."""
     runs = [target_likelihood(*_gaussian_case(400, 50, seed=100 + i)) for i in range(300)]
     spread = np.std([r.log_z for r in runs], ddof=1)
     reported = np.mean([r.log_z_stderr for r in runs])
+    assert 0.8 < spread / reported < 1.2, (spread, reported)
+    # the forward estimate from the data: q narrower than p keeps 1/w = q e^u light-tailed (with the wider q
+    # above its fourth moment is infinite and no delta method is calibrated)
+    runs = [target_likelihood(*_gaussian_case(50, 400, seed=500 + i, sq=0.9)) for i in range(300)]
+    spread = np.std([r.log_z_forward for r in runs], ddof=1)
+    reported = np.mean([r.log_z_forward_stderr for r in runs])
     assert 0.8 < spread / reported < 1.2, (spread, reported)
 
 

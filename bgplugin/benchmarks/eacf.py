@@ -502,7 +502,9 @@ def _target_lines(target: dict[str, Any] | None) -> list[str]:
         return []
     return [f"NLL of the exact target density on the same test frames: {target['nll']:.3f} +- "
             f"{target['nll_stderr']:.3f}; flow - target (KL(p||q)) {target['kl']:.3f} +- {target['kl_stderr']:.3f}; "
-            f"log Z {target['log_z']:.3f} +- {target['log_z_stderr']:.3f}"]  # fmt: skip
+            f"log Z {target['log_z']:.3f} +- {target['log_z_stderr']:.3f} (samples), "
+            f"{target.get('log_z_forward', float('nan')):.3f} +- {target.get('log_z_forward_stderr', float('nan')):.3f}"
+            " (test data)"]  # fmt: skip
 
 
 def format_eacf(result: dict[str, Any]) -> str:

@@ -363,6 +363,14 @@ class TargetLikelihood:
         estimate of :math:`\log Z` is biased low by more than its standard
         error says, which biases ``nll_target`` low and ``kl`` high: the
         reported KL is then conservative (too large), not reliable.
+    log_z_forward, log_z_forward_stderr : float
+        The same constant from the data instead,
+        :math:`\log\hat Z = -\log\frac1m\sum_i e^{u(x_i) + \log q(x_i)}`
+        (:math:`Z = 1/\mathbb{E}_p[1/w]`), with its delta-method error. The
+        reverse estimate ``log_z`` tends to come out low and this one high
+        (Jensen, and regions one of the two samples misses), so together
+        they bracket :math:`\log Z`; when they agree, the floor
+        ``nll_target`` is pinned.
     """
 
     log_z: float
@@ -375,6 +383,8 @@ class TargetLikelihood:
     n_samples: int
     n_failed_samples: int
     ess: float
+    log_z_forward: float
+    log_z_forward_stderr: float
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
@@ -470,6 +480,10 @@ def target_likelihood(
 
     nll_mean, nll_err = mean_and_error(nll_target)
     kl_mean, kl_err = mean_and_error(log_ratio)
+    log_inverse_w = u + lq  # log(1 / w) of each data configuration
+    log_z_forward = -float(logsumexp(log_inverse_w, b=v))
+    inverse_ratio = np.exp(log_inverse_w + log_z_forward)  # (1/w) / (1/Z-hat): weighted mean 1
+    _, forward_err = mean_and_error(inverse_ratio)
     return TargetLikelihood(
         log_z=log_z,
         log_z_stderr=log_z_err,
@@ -481,4 +495,6 @@ def target_likelihood(
         n_samples=n,
         n_failed_samples=int((~finite).sum()),
         ess=float(ratio.sum() ** 2 / (ratio**2).sum() / n),
+        log_z_forward=log_z_forward,
+        log_z_forward_stderr=forward_err,
     )
