@@ -68,6 +68,7 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"train": {"grad_guard": "yes"}}, "train.grad_guard"),
         ({"sample": {"compiled": "yes"}}, "sample.compiled"),
         ({"train": {"model": {"compiled": 1}}}, "train.model.compiled"),
+        ({"train": {"model": {"prior": "gaussian"}}}, "train.model.prior must be one of ['isotropic', 'data']"),
     ],
 )
 def test_bad_values_name_the_key(change: dict, message: str) -> None:
@@ -222,7 +223,7 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     data["train"].update(objective="nll", ema_decay=None, schedule_clock="time")
     data["train"]["model"] = {"kind": "eacf", "hidden": 8, "n_layers": 1, "n_blocks": 1, "projection": "spherical",
                               "prior_std": 0.16, "aug_scale": 0.05, "n_bins": 4, "n_marginal": 4,
-                              "distinguishable": "all"}  # fmt: skip
+                              "distinguishable": "all", "prior": "data"}  # fmt: skip
     data["reweight"].update(chirality="filter")
     out = tmp_path / "run"
     results = run_protocol(data, out, device="cpu", progress=False)
@@ -235,6 +236,13 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
 
     flow = load_flow(out / "train" / "flow.pt", device="cpu")
     assert isinstance(flow, EACF) and flow.n_blocks == 1 and flow.aug_scale == 0.05
+    # prior: data -> the correlated base fitted to the training frames (all of them: no max_frames here)
+    from bgplugin.data import Dataset
+    from bgplugin.flows import CorrelatedMeanFreeGaussian, fit_particle_covariance
+
+    assert isinstance(flow.prior, CorrelatedMeanFreeGaussian) and flow.prior_std == 0.16
+    frames = Dataset.load(out / "simulate" / "data.h5").positions
+    np.testing.assert_allclose(flow.prior.covariance, fit_particle_covariance(frames), rtol=1e-6, atol=1e-9)
     assert results["steps"]["sample"]["log_q"].startswith("joint")
     with np.load(out / "sample" / "samples.npz") as saved:
         x, log_q = saved["x"], saved["log_q"]

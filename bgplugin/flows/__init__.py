@@ -14,11 +14,17 @@ from bgplugin.flows.divergence import DivergenceMode, ProbeDistribution
 from bgplugin.flows.egnn import EGNNField, Symmetry
 from bgplugin.flows.field import VectorField
 from bgplugin.flows.kernel import KernelField
-from bgplugin.flows.prior import MeanFreeGaussian
+from bgplugin.flows.prior import (
+    CorrelatedMeanFreeGaussian,
+    MeanFreeGaussian,
+    fit_particle_covariance,
+    symmetrised_covariance,
+)
 from bgplugin.flows.subspace import mean_free_basis
 
 __all__ = [
     "CNF",
+    "CorrelatedMeanFreeGaussian",
     "FIELDS",
     "DeviceSpec",
     "DivergenceMode",
@@ -34,8 +40,10 @@ __all__ = [
     "VectorField",
     "benchmark_divergence",
     "build_flow",
+    "fit_particle_covariance",
     "load_flow",
     "mean_free_basis",
     "resolve_device",
     "select_rk4_steps",
+    "symmetrised_covariance",
 ]

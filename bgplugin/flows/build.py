@@ -23,7 +23,7 @@ from bgplugin.flows.divergence import DivergenceMode
 from bgplugin.flows.egnn import EGNNField
 from bgplugin.flows.field import VectorField
 from bgplugin.flows.kernel import KernelField
-from bgplugin.flows.prior import MeanFreeGaussian
+from bgplugin.flows.prior import CorrelatedMeanFreeGaussian, MeanFreeGaussian, make_prior
 
 if TYPE_CHECKING:
     from bgplugin.flows.eacf import EACF
@@ -51,6 +51,7 @@ def build_flow(
     *,
     kind: FlowKind = "cnf",
     prior_std: float = 1.0,
+    prior_covariance: np.ndarray | torch.Tensor | list[list[float]] | None = None,
     solver: Solver = "rk4",
     steps: int = 20,
     atol: float = 1e-5,
@@ -77,10 +78,15 @@ def build_flow(
     kind : {"cnf", "eacf"}
         ``"cnf"``: a continuous normalizing flow (default). ``"eacf"``: an
         equivariant augmented coupling flow, :class:`bgplugin.flows.eacf.EACF`;
-        ``prior_std``, ``compiled``, ``device``, ``dtype`` and ``**hyperparameters``
+        ``prior_std``, ``prior_covariance``, ``compiled``, ``device``, ``dtype`` and ``**hyperparameters``
         go to :func:`bgplugin.flows.eacf.build_eacf`, the solver options do not apply.
     prior_std : float
         Standard deviation of the mean-free Gaussian prior (length units).
+    prior_covariance : array-like, shape (n_particles, n_particles), optional
+        A correlated base instead (:class:`~bgplugin.flows.CorrelatedMeanFreeGaussian`,
+        covariance ``C ⊗ I_d``), e.g. ``fit_particle_covariance(frames, system.atom_types)``;
+        must be invariant under permutations of equal atom types. For a CNF
+        ``prior_std`` is then unused; an E-ACF still uses it as its length scale.
     solver, steps, atol, rtol, divergence, n_probes, adjoint, compiled, chunk_size, memory_budget_mb, device
         See :class:`~bgplugin.flows.CNF`.
     dtype : torch.dtype
@@ -113,7 +119,7 @@ def build_flow(
     if unknown:
         raise ValueError(f"unknown {field} hyperparameters {unknown}; valid ones are {allowed}")
     vector_field = field_class(atom_types, system.dim, **hyperparameters)
-    prior = MeanFreeGaussian(system.n_particles, system.dim, prior_std)
+    prior = make_prior(system.n_particles, system.dim, prior_std, prior_covariance, atom_types)
     flow = CNF(
         vector_field,
         prior,
@@ -154,6 +160,7 @@ def _build_eacf(system: SystemLike, arguments: dict[str, Any]) -> EACF:
     return build_eacf(
         system,
         prior_std=arguments["prior_std"],
+        prior_covariance=arguments["prior_covariance"],
         device=arguments["device"],
         dtype=arguments["dtype"],
         compiled=arguments["compiled"],
@@ -205,7 +212,8 @@ def load_flow(
     if kind not in FIELDS:
         raise ValueError(f"{str(source)!r} holds an unknown field kind {kind!r}; known: {sorted(FIELDS)}")
     field = FIELDS[kind](**payload["field"])
-    prior = MeanFreeGaussian(**payload["prior"])
+    prior_class = CorrelatedMeanFreeGaussian if "covariance" in payload["prior"] else MeanFreeGaussian
+    prior = prior_class(**payload["prior"])
     options = payload["options"] if compiled is None else {**payload["options"], "compiled": compiled}
     flow = CNF(field, prior, **options, device="cpu").to(getattr(torch, payload["dtype"]))
     flow.load_state_dict(payload["state_dict"])

@@ -148,6 +148,14 @@ class ModelConfig:
     ``aug_scale``, ``n_bins`` and ``n_marginal``. ``hidden``, ``n_layers``,
     ``prior_std`` and ``distinguishable`` serve both.
 
+    ``prior``: ``"isotropic"`` (default) starts from the mean-free Gaussian
+    of standard deviation ``prior_std``; ``"data"`` from the correlated
+    mean-free Gaussian whose particle covariance is fitted to the training
+    frames (with their weights, if the training uses weights;
+    :func:`bgplugin.flows.fit_particle_covariance`), which puts bonded atoms
+    close together before training. An E-ACF keeps ``prior_std`` as its
+    length scale.
+
     ``compiled``: build the flow with ``compiled=True`` (saved with it):
     an E-ACF trains and samples through ``torch.compile`` (a training step
     1.3-1.6x faster on a CPU after a minute or two of compilation); a CNF
@@ -161,6 +169,7 @@ class ModelConfig:
     n_layers: int = 5
     symmetry: Literal["E(n)", "SE(n)"] = "SE(n)"
     prior_std: float = 0.16
+    prior: Literal["isotropic", "data"] = "isotropic"
     length_scale: float = 1.0
     solver_steps: int = 20
     distinguishable: Literal["all", "backbone", "none"] = "all"

@@ -18,7 +18,7 @@ import torch
 
 from bgplugin.data import Dataset
 from bgplugin.fileio import atomic_write, write_json
-from bgplugin.flows import build_flow, load_flow, resolve_device
+from bgplugin.flows import build_flow, fit_particle_covariance, load_flow, resolve_device
 from bgplugin.protocols.config import (
     LoadConfig,
     MDConfig,
@@ -185,18 +185,22 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
         )  # fmt: skip
     positions = data.positions - data.positions.mean(axis=1, keepdims=True)
     model = train.model
+    prior_covariance = None
+    if model.prior == "data":
+        prior_covariance = fit_particle_covariance(positions, system.atom_types, weights=weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(protocol.seed)
         if model.kind == "eacf":
             flow = build_flow(
-                system, kind="eacf", prior_std=model.prior_std, device=device, hidden=model.hidden,
+                system, kind="eacf", prior_std=model.prior_std, prior_covariance=prior_covariance, device=device,
+                hidden=model.hidden,
                 n_layers=model.n_layers, projection=model.projection, n_blocks=model.n_blocks, n_aug=model.n_aug,
                 aug_scale=model.aug_scale, n_bins=model.n_bins, n_marginal=model.n_marginal, compiled=model.compiled,
             )  # fmt: skip
         else:
             flow = build_flow(
-                system, model.field, prior_std=model.prior_std, steps=model.solver_steps, compiled=model.compiled,
-                device=device,
+                system, model.field, prior_std=model.prior_std, prior_covariance=prior_covariance,
+                steps=model.solver_steps, compiled=model.compiled, device=device,
                 **({"hidden": model.hidden, "n_layers": model.n_layers, "symmetry": model.symmetry,
                     "length_scale": model.length_scale} if model.field == "egnn" else {}),
             )  # fmt: skip

@@ -75,7 +75,7 @@ from bgplugin.flows.eacf.projections import (
     project_transform,
 )
 from bgplugin.flows.field import as_atom_types
-from bgplugin.flows.prior import MeanFreeGaussian
+from bgplugin.flows.prior import CorrelatedMeanFreeGaussian, MeanFreeGaussian, make_prior
 
 __all__ = ["EACF", "SAVE_FORMAT", "SAVE_VERSION", "build_eacf", "load_eacf"]
 
@@ -198,7 +198,16 @@ class EACF(nn.Module):
     base_aug_scale : float, optional
         :math:`\eta_0` of the base :math:`q_0(a|x)`; default ``aug_scale``.
     prior_std : float
-        :math:`\sigma` of the mean-free Gaussian base of ``x`` (length units).
+        :math:`\sigma` of the mean-free Gaussian base of ``x`` (length units);
+        with ``prior_covariance`` only the length scale of the conditioners
+        and of ``radius_max``.
+    prior_covariance : array-like, shape (n_particles, n_particles), optional
+        Particle covariance ``C`` of a correlated base
+        :class:`~bgplugin.flows.CorrelatedMeanFreeGaussian` (covariance
+        ``C ⊗ I_d``) instead of the isotropic one, e.g.
+        ``fit_particle_covariance(training_frames, atom_types)``; it must be
+        invariant under permutations of equal atom types. For molecules it
+        starts the flow with bonded atoms close together.
     n_marginal : int
         Default number ``M`` of augmented draws in :meth:`log_prob` and :meth:`sample`.
     chunk_size : int
@@ -237,6 +246,7 @@ class EACF(nn.Module):
         aug_scale: float = 0.1,
         base_aug_scale: float | None = None,
         prior_std: float = 1.0,
+        prior_covariance: np.ndarray | Tensor | Sequence[Sequence[float]] | None = None,
         n_marginal: int = 20,
         chunk_size: int = 8192,
         compiled: bool = False,
@@ -285,7 +295,10 @@ class EACF(nn.Module):
         self.n_marginal = int(n_marginal)
         self.chunk_size = int(chunk_size)
         self.compiled = compiled
-        self.prior = MeanFreeGaussian(types.numel(), dim, prior_std)
+        self.prior_std = float(prior_std)
+        self.prior: MeanFreeGaussian | CorrelatedMeanFreeGaussian = make_prior(
+            types.numel(), dim, prior_std, prior_covariance, types.numpy()
+        )
         common: dict[str, Any] = {
             "atom_types": types, "dim": dim, "projection": projection, "n_transforms": n_transforms,
             "hidden": hidden, "n_layers": n_layers, "n_bins": n_bins, "radius_max": self.radius_max,
@@ -341,7 +354,10 @@ class EACF(nn.Module):
             "radius_max": self.radius_max,
             "aug_scale": self.aug_scale,
             "base_aug_scale": self.base_aug_scale,
-            "prior_std": self.prior.std,
+            "prior_std": self.prior_std,
+            "prior_covariance": (
+                self.prior.covariance.tolist() if isinstance(self.prior, CorrelatedMeanFreeGaussian) else None
+            ),
             "n_marginal": self.n_marginal,
             "chunk_size": self.chunk_size,
             "compiled": self.compiled,
