@@ -69,6 +69,7 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"sample": {"compiled": "yes"}}, "sample.compiled"),
         ({"train": {"model": {"compiled": 1}}}, "train.model.compiled"),
         ({"train": {"model": {"prior": "gaussian"}}}, "train.model.prior must be one of ['isotropic', 'data']"),
+        ({"train": {"model": {"prior_floor": 1.5}}}, "train.model.prior_floor must be in (0, 1), got 1.5"),
     ],
 )
 def test_bad_values_name_the_key(change: dict, message: str) -> None:

@@ -154,7 +154,9 @@ class ModelConfig:
     frames (with their weights, if the training uses weights;
     :func:`bgplugin.flows.fit_particle_covariance`), which puts bonded atoms
     close together before training. An E-ACF keeps ``prior_std`` as its
-    length scale.
+    length scale. ``prior_floor``: the fitted covariance's eigenvalues are
+    at least this fraction of their mean (``fit_particle_covariance(...,
+    floor=...)``).
 
     ``compiled``: build the flow with ``compiled=True`` (saved with it):
     an E-ACF trains and samples through ``torch.compile`` (a training step
@@ -170,6 +172,7 @@ class ModelConfig:
     symmetry: Literal["E(n)", "SE(n)"] = "SE(n)"
     prior_std: float = 0.16
     prior: Literal["isotropic", "data"] = "isotropic"
+    prior_floor: float = 1e-4
     length_scale: float = 1.0
     solver_steps: int = 20
     distinguishable: Literal["all", "backbone", "none"] = "all"
@@ -519,6 +522,7 @@ def _check_values(p: Protocol) -> None:
                    ("train.model.hidden", t.model.hidden, "int>=1"),
                    ("train.model.n_layers", t.model.n_layers, "int>=1"),
                    ("train.model.prior_std", t.model.prior_std, ">0"),
+                   ("train.model.prior_floor", t.model.prior_floor, ">0"),
                    ("train.model.length_scale", t.model.length_scale, ">0"),
                    ("train.model.solver_steps", t.model.solver_steps, "int>=1")]  # fmt: skip
         if t.max_steps is not None:
@@ -527,6 +531,8 @@ def _check_values(p: Protocol) -> None:
             checks.append(("train.max_frames", t.max_frames, "int>=1"))
         if t.max_rollbacks is not None:
             checks.append(("train.max_rollbacks", t.max_rollbacks, ">=0"))
+        if not 0 < t.model.prior_floor < 1:
+            raise ProtocolError(f"train.model.prior_floor must be in (0, 1), got {t.model.prior_floor}")
         if t.ema_decay is not None and not 0 < t.ema_decay < 1:
             raise ProtocolError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
         if t.model.kind == "eacf":

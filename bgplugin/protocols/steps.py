@@ -187,7 +187,9 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
     model = train.model
     prior_covariance = None
     if model.prior == "data":
-        prior_covariance = fit_particle_covariance(positions, system.atom_types, weights=weights)
+        prior_covariance = fit_particle_covariance(
+            positions, system.atom_types, weights=weights, floor=model.prior_floor
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(protocol.seed)
         if model.kind == "eacf":
