@@ -8,7 +8,6 @@ normalisation by quadrature, symmetries with :func:`bgplugin.testing.assert_equi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +27,6 @@ from bgplugin.flows.eacf import EACF
 from bgplugin.testing import assert_equivariant, random_rotation
 
 TYPES = np.array([0, 0, 1, 0, 2])
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _covariance(n: int, seed: int = 0, types: np.ndarray | None = None) -> np.ndarray:

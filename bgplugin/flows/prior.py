@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bgplugin.flows.field import as_atom_types
+
 __all__ = [
     "CorrelatedMeanFreeGaussian",
     "MeanFreeGaussian",
@@ -45,32 +47,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class MeanFreeGaussian(nn.Module):
-    """Mean-free isotropic Gaussian.
-
-    Parameters
-    ----------
-    n_particles : int
-        Number of particles ``n`` (>= 2).
-    dim : int
-        Spatial dimension ``d``.
-    std : float
-        Standard deviation per coordinate of the subspace (length units).
-    """
+class _MeanFreeDensity(nn.Module):
+    """What every base density shares: particles, dimension, and the device and dtype of its samples."""
 
     reference: Tensor
 
-    def __init__(self, n_particles: int, dim: int, std: float = 1.0) -> None:
+    def __init__(self, n_particles: int, dim: int) -> None:
         super().__init__()
         if n_particles < 2:
             raise ValueError(f"n_particles must be >= 2 for a mean-free density, got {n_particles}")
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        if not std > 0.0 or not math.isfinite(std):
-            raise ValueError(f"std must be a finite number > 0, got {std}")
         self.n_particles = int(n_particles)
         self.dim = int(dim)
-        self.std = float(std)
         # Empty buffer that follows .to(device, dtype): the dtype and device of samples.
         self.register_buffer("reference", torch.empty(0), persistent=False)
 
@@ -88,6 +77,26 @@ class MeanFreeGaussian(nn.Module):
     def subspace_dim(self) -> int:
         """Dimension ``(n - 1) * d`` of the mean-free subspace."""
         return (self.n_particles - 1) * self.dim
+
+
+class MeanFreeGaussian(_MeanFreeDensity):
+    """Mean-free isotropic Gaussian.
+
+    Parameters
+    ----------
+    n_particles : int
+        Number of particles ``n`` (>= 2).
+    dim : int
+        Spatial dimension ``d``.
+    std : float
+        Standard deviation per coordinate of the subspace (length units).
+    """
+
+    def __init__(self, n_particles: int, dim: int, std: float = 1.0) -> None:
+        super().__init__(n_particles, dim)
+        if not std > 0.0 or not math.isfinite(std):
+            raise ValueError(f"std must be a finite number > 0, got {std}")
+        self.std = float(std)
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this prior."""
@@ -142,6 +151,11 @@ class MeanFreeGaussian(nn.Module):
         return -0.5 * centred.square().sum((1, 2)) / variance - norm
 
 
+def _float64_array(value: np.ndarray | Tensor | Any) -> np.ndarray:
+    """``value`` (array-like or tensor, any device) as a float64 numpy array."""
+    return np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value, dtype=np.float64)
+
+
 def _particle_helmert(n_particles: int) -> np.ndarray:
     """(n, n - 1) orthonormal columns that sum to zero: the mean-free subspace of one axis."""
     from bgplugin.flows.subspace import mean_free_basis
@@ -149,7 +163,7 @@ def _particle_helmert(n_particles: int) -> np.ndarray:
     return mean_free_basis(n_particles, 1)[:, 0, :].numpy()
 
 
-class CorrelatedMeanFreeGaussian(nn.Module):
+class CorrelatedMeanFreeGaussian(_MeanFreeDensity):
     r"""Mean-free Gaussian with covariance :math:`C \otimes I_d` (particles correlated, axes not).
 
     Parameters
@@ -182,10 +196,7 @@ class CorrelatedMeanFreeGaussian(nn.Module):
     scales: Tensor
 
     def __init__(self, covariance: np.ndarray | Tensor | list[list[float]], dim: int) -> None:
-        super().__init__()
-        matrix = np.asarray(
-            covariance.detach().cpu().numpy() if isinstance(covariance, Tensor) else covariance, dtype=np.float64
-        )
+        matrix = _float64_array(covariance)
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
             raise ValueError(
                 f"covariance must be a square (n_particles, n_particles) matrix with n_particles >= 2, "
@@ -195,9 +206,8 @@ class CorrelatedMeanFreeGaussian(nn.Module):
             raise ValueError("covariance has non-finite entries; estimate it with fit_particle_covariance(frames)")
         if not np.allclose(matrix, matrix.T, rtol=1e-6, atol=1e-12 * max(1.0, float(np.abs(matrix).max()))):
             raise ValueError("covariance must be symmetric; pass (C + C.T) / 2 if it is only off by round-off")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
         n = matrix.shape[0]
+        super().__init__(n, dim)
         helmert = _particle_helmert(n)
         reduced = helmert.T @ (0.5 * (matrix + matrix.T)) @ helmert
         eigenvalues, vectors = np.linalg.eigh(reduced)
@@ -207,13 +217,12 @@ class CorrelatedMeanFreeGaussian(nn.Module):
                 f"{eigenvalues[0]:.3g}); estimate it with fit_particle_covariance(frames, floor=...) to bound "
                 "the eigenvalues away from zero"
             )
-        self.n_particles = int(n)
-        self.dim = int(dim)
         self.covariance = helmert @ reduced @ helmert.T  # the projected C, as used
-        self.register_buffer("basis", torch.from_numpy(helmert @ vectors).to(torch.float32), persistent=False)
-        self.register_buffer("scales", torch.from_numpy(np.sqrt(eigenvalues)).to(torch.float32), persistent=False)
+        # float64 originals; the buffers follow .to(device, dtype) and are rebuilt from these in _apply
         self._basis64 = torch.from_numpy(helmert @ vectors)
         self._scales64 = torch.from_numpy(np.sqrt(eigenvalues))
+        self.register_buffer("basis", self._basis64.to(torch.float32), persistent=False)
+        self.register_buffer("scales", self._scales64.to(torch.float32), persistent=False)
         self._log_norm = 0.5 * self.dim * float(np.sum(np.log(2.0 * math.pi * eigenvalues)))
 
     def _apply(self, fn: Any, recurse: bool = True) -> CorrelatedMeanFreeGaussian:
@@ -222,21 +231,6 @@ class CorrelatedMeanFreeGaussian(nn.Module):
         self.basis = self._basis64.to(device=self.basis.device, dtype=self.basis.dtype)
         self.scales = self._scales64.to(device=self.scales.device, dtype=self.scales.dtype)
         return self
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the samples."""
-        return self.basis.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating-point dtype of the samples."""
-        return self.basis.dtype
-
-    @property
-    def subspace_dim(self) -> int:
-        """Dimension ``(n - 1) * d`` of the mean-free subspace."""
-        return (self.n_particles - 1) * self.dim
 
     @property
     def std(self) -> float:
@@ -298,7 +292,7 @@ def fit_particle_covariance(
     numpy.ndarray, shape (n_particles, n_particles)
         Symmetric, ``C 1 = 0``, positive definite on the mean-free subspace.
     """
-    x = np.asarray(frames.detach().cpu().numpy() if isinstance(frames, Tensor) else frames, dtype=np.float64)
+    x = _float64_array(frames)
     if x.ndim != 3 or x.shape[0] < 2 or x.shape[1] < 2:
         raise ValueError(
             f"frames must have shape (n_frames >= 2, n_particles >= 2, dim), got {x.shape}; "
@@ -312,19 +306,18 @@ def fit_particle_covariance(
     if weights is None:
         w = np.full(n_frames, 1.0 / n_frames)
     else:
-        w = np.asarray(weights.detach().cpu().numpy() if isinstance(weights, Tensor) else weights, dtype=np.float64)
+        w = _float64_array(weights)
         if w.shape != (n_frames,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
             raise ValueError(
                 f"weights must be {n_frames} finite non-negative numbers with a positive sum, got shape {w.shape}"
             )
         w = w / w.sum()
-    if atom_types is not None:
-        types = np.asarray(atom_types.detach().cpu().numpy() if isinstance(atom_types, Tensor) else atom_types)
-        if types.shape != (n,):
-            raise ValueError(f"atom_types must have shape ({n},) to match the frames, got {types.shape}")
+    types = None if atom_types is None else as_atom_types(atom_types).numpy()
+    if types is not None and types.shape != (n,):
+        raise ValueError(f"atom_types must have shape ({n},) to match the frames, got {types.shape}")
     x = x - x.mean(1, keepdims=True)
     covariance = np.einsum("b,bid,bjd->ij", w, x, x) / dim
-    if atom_types is not None:
+    if types is not None:
         covariance = symmetrised_covariance(covariance, types)
     helmert = _particle_helmert(n)
     eigenvalues, vectors = np.linalg.eigh(helmert.T @ covariance @ helmert)
@@ -380,7 +373,7 @@ def make_prior(
     if prior.n_particles != n_particles:
         raise ValueError(f"the prior covariance is for {prior.n_particles} particles, the flow has {n_particles}")
     if atom_types is not None:
-        types = np.asarray(atom_types.detach().cpu().numpy() if isinstance(atom_types, Tensor) else atom_types)
+        types = as_atom_types(atom_types).numpy()
         matrix = prior.covariance
         scale = float(np.abs(matrix).max())
         if not np.allclose(symmetrised_covariance(matrix, types), matrix, rtol=1e-5, atol=1e-8 * scale):

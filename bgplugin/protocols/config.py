@@ -522,7 +522,6 @@ def _check_values(p: Protocol) -> None:
                    ("train.model.hidden", t.model.hidden, "int>=1"),
                    ("train.model.n_layers", t.model.n_layers, "int>=1"),
                    ("train.model.prior_std", t.model.prior_std, ">0"),
-                   ("train.model.prior_floor", t.model.prior_floor, ">0"),
                    ("train.model.length_scale", t.model.length_scale, ">0"),
                    ("train.model.solver_steps", t.model.solver_steps, "int>=1")]  # fmt: skip
         if t.max_steps is not None:
