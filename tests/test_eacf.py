@@ -32,6 +32,7 @@ from bgplugin.flows.eacf.training import (
     FABAlpha2,
     GuardedOptimizer,
     JointMaximumLikelihood,
+    JointMLKL,
     JointReverseKL,
     train_eacf,
 )
@@ -592,6 +593,45 @@ def test_reverse_kl_and_fab_steps_are_finite() -> None:
     history = train_eacf(flow, fab, steps=4, lr=1e-4, progress=False)
     assert all(math.isfinite(row["loss"]) for row in history)
     assert len(fab.buffer) >= 64
+
+
+def test_joint_ml_kl_mixes_the_two_joint_objectives() -> None:
+    """(1 - lambda) joint NLL + lambda joint KL, each term the objective on its own; a failed KL batch falls back."""
+    from bgplugin.training import LambdaSchedule
+
+    system = get_system("dw4")
+    energy = system.energy()
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+    _randomise(flow)
+    data = torch.as_tensor(load_benchmark("dw4", "train")[:32], dtype=torch.float32)
+    ml, kl = JointMaximumLikelihood(flow), JointReverseKL(flow, energy, 16, energy_cutoff=50.0)
+    mixed = JointMLKL(flow, energy, 16, LambdaSchedule(0.0, 0.3, ramp_start=10, ramp_steps=10), energy_cutoff=50.0)
+    batch = mixed.make_batch(data, None, torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    at_15 = mixed.loss(flow, batch, 15)
+    torch.manual_seed(5)
+    expected = 0.85 * ml.loss(flow, batch, 15).loss + 0.15 * kl.loss(flow, None, 15).loss
+    torch.testing.assert_close(at_15.loss, expected)
+    assert at_15.metrics["lambda"] == pytest.approx(0.15)
+    assert math.isfinite(at_15.metrics["kl"]) and math.isfinite(at_15.metrics["joint_nll"])
+    before = mixed.loss(flow, batch, 3)  # lambda 0: the KL term is not computed
+    torch.testing.assert_close(before.loss, ml.loss(flow, batch, 3).loss)
+    assert math.isnan(before.metrics["kl"]) and before.metrics["lambda"] == 0.0
+    pure_kl = JointMLKL(flow, energy, 16, LambdaSchedule(1.0, 1.0))
+    torch.manual_seed(5)
+    only = pure_kl.loss(flow, batch, 0)
+    torch.manual_seed(5)
+    torch.testing.assert_close(only.loss, JointReverseKL(flow, energy, 16).loss(flow, None, 0).loss)
+    assert math.isnan(only.metrics["joint_nll"])
+    failing = JointMLKL(flow, lambda x: torch.full(x.shape[:1], math.inf), 8, LambdaSchedule(0.5, 0.5))
+    fallback = failing.loss(flow, batch, 0)
+    torch.testing.assert_close(fallback.loss, ml.loss(flow, batch, 0).loss)
+    assert fallback.metrics["failed_frames"] == 8.0
+    fallback.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in flow.parameters())
+    with pytest.raises(TypeError, match="LambdaSchedule"):
+        JointMLKL(flow, energy, 16, 0.5)  # type: ignore[arg-type]
 
 
 def test_fab_replay_buffer_is_checkpointed_and_restored(tmp_path) -> None:

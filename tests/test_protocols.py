@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,10 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"train": {"model": {"compiled": 1}}}, "train.model.compiled"),
         ({"train": {"model": {"prior": "gaussian"}}}, "train.model.prior must be one of ['isotropic', 'data']"),
         ({"train": {"model": {"prior_floor": 1.5}}}, "train.model.prior_floor must be in (0, 1), got 1.5"),
+        ({"train": {"kl_weight": 0.2}}, "train.kl_weight 0.2 mixes the reverse KL into maximum likelihood"),
+        ({"train": {"kl_weight": 1.5}}, "train.kl_weight must be in [0, 1], got 1.5"),
+        ({"train": {"kl_samples": 0}}, "train.kl_samples must be an integer >= 1, got 0"),
+        ({"train": {"kl_start": 0.95, "kl_ramp": 0.1}}, "train.kl_start + train.kl_ramp must be <= 1"),
     ],
 )
 def test_bad_values_name_the_key(change: dict, message: str) -> None:
@@ -255,6 +260,58 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     np.testing.assert_allclose(x[:8], x0.numpy(), atol=1e-6)
     np.testing.assert_allclose(log_q[:8], expected, rtol=1e-6, atol=1e-5)
     assert 0.0 <= results["ess"] <= 1.0 and results["n_samples"] == 24
+
+
+@pytest.mark.parametrize("kind", ["eacf", "cnf"])
+def test_kl_weight_mixes_the_force_field_into_training(tmp_path: Path, kind: str) -> None:
+    """train.kl_weight: ML alone before kl_start, then a linear ramp of the KL weight; the KL energies are OpenMM's."""
+    data = tiny_quickstart()
+    data["train"].update(objective="nll", ema_decay=None, max_steps=10, kl_weight=0.5, kl_start=0.2, kl_ramp=0.4,
+                         kl_samples=4, energy_cutoff=1.0e4)  # fmt: skip
+    if kind == "eacf":
+        data["train"]["model"] = {"kind": "eacf", "hidden": 8, "n_layers": 1, "n_blocks": 1, "n_bins": 4,
+                                  "prior_std": 0.16, "aug_scale": 0.05, "distinguishable": "all"}  # fmt: skip
+        data["reweight"].update(chirality="filter")
+    out = tmp_path / "run"
+    results = run_protocol(data, out, device="cpu", progress=False, stop_after="train")
+    train = results["steps"]["train"]
+    assert train["steps"] == 10
+    assert train["kl"] == {"weight": 0.5, "ramp_start": 2, "ramp_steps": 4, "samples": 4, "energy_cutoff": 1.0e4}
+    import csv
+
+    rows = list(csv.DictReader((out / "train" / "loss.csv").open()))
+    lam = [float(r["lambda"]) for r in rows]
+    assert lam == pytest.approx([0.0, 0.0, 0.0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.5])  # steps 1..10
+    kl = [float(r["kl"]) for r in rows]
+    assert all(math.isnan(v) for v in kl[:3]) and all(math.isfinite(v) for v in kl[3:])
+    energies = [float(r["energy"]) for r in rows[3:]]
+    assert all(math.isfinite(u) and u > -100.0 for u in energies)  # reduced force-field energies of 4 samples
+
+
+def test_training_energy_is_the_force_field_called_directly() -> None:
+    """The KL term's energy: the system's OpenMM force field in the training process, in kT."""
+    import openmm
+    from openmm import unit
+
+    from bgplugin.energies import OpenMMEnergy
+    from bgplugin.protocols.steps import _training_energy
+    from bgplugin.systems import get_system
+
+    system = get_system("alanine_dipeptide")
+    energy = _training_energy(system)
+    try:
+        assert isinstance(energy, OpenMMEnergy)
+        x = np.asarray(system.positions, dtype=np.float64)[None]
+        u = energy(torch.as_tensor(x)).item()
+    finally:
+        energy.close()
+    reference = openmm.Platform.getPlatformByName("Reference")
+    context = openmm.Context(system.openmm_system, openmm.VerletIntegrator(0.001), reference)
+    context.setPositions(x[0])
+    potential = context.getState(getEnergy=True).getPotentialEnergy()
+    kt = unit.MOLAR_GAS_CONSTANT_R * system.temperature * unit.kelvin
+    assert u == pytest.approx(potential / kt, rel=1e-5, abs=1e-4)
+    assert get_system("dw4").energy().__class__ is type(_training_energy(get_system("dw4")))
 
 
 def test_mcmc_step_runs_flow_moves_with_langevin(tmp_path: Path) -> None:

@@ -206,6 +206,16 @@ class TrainConfig:
     (``TrainerConfig.max_rollbacks``); ``None`` (default): 3 for E-ACFs, 0
     for CNFs.
 
+    ``kl_weight`` (default 0: off): train by example and by energy
+    (Noé et al. 2019), the loss ``(1 - lambda) NLL + lambda KL(q || p)`` with
+    the reverse KL from ``kl_samples`` flow samples per step and the
+    system's force field (OpenMM CPU in the training process, or the
+    particle potential); ``lambda`` is 0 for the first ``kl_start`` of the
+    steps, then rises linearly to ``kl_weight`` over the next ``kl_ramp``.
+    Energies above ``energy_cutoff`` kT enter logarithmically (``null``: as
+    they are). Needs ``objective: nll`` (an E-ACF mixes the joint
+    objectives, a CNF uses :class:`bgplugin.training.MLKL`).
+
     ``schedule_clock``: ``"steps"`` (default) spans the cosine decay over
     ``max_steps`` (estimated from a timing probe when null), so a rerun with
     the same seed gives the same flow; ``"time"`` spans it over ``minutes``
@@ -225,6 +235,11 @@ class TrainConfig:
     grad_guard: bool | None = None
     max_rollbacks: int | None = None
     schedule_clock: Literal["steps", "time"] = "steps"
+    kl_weight: float = 0.0
+    kl_start: float = 0.5
+    kl_ramp: float = 0.1
+    kl_samples: int = 32
+    energy_cutoff: float | None = 1000.0
     weights: Literal["none", "dataset", "von_mises"] = "none"
     bias_cv: str = "phi"
     bias_mu: float = 1.0
@@ -532,6 +547,20 @@ def _check_values(p: Protocol) -> None:
             checks.append(("train.max_rollbacks", t.max_rollbacks, ">=0"))
         if not 0 < t.model.prior_floor < 1:
             raise ProtocolError(f"train.model.prior_floor must be in (0, 1), got {t.model.prior_floor}")
+        for name in ("kl_weight", "kl_start", "kl_ramp"):
+            if not 0 <= getattr(t, name) <= 1:
+                raise ProtocolError(f"train.{name} must be in [0, 1], got {getattr(t, name)}")
+        checks.append(("train.kl_samples", t.kl_samples, "int>=1"))
+        if t.kl_weight > 0 and t.objective != "nll":
+            raise ProtocolError(
+                f"train.kl_weight {t.kl_weight} mixes the reverse KL into maximum likelihood, but train.objective is "
+                f"{t.objective!r} (flow matching): set train.objective to 'nll' or train.kl_weight to 0"
+            )
+        if t.kl_start + t.kl_ramp > 1:
+            raise ProtocolError(
+                f"train.kl_start + train.kl_ramp must be <= 1 (the ramp ends within the run), got "
+                f"{t.kl_start} + {t.kl_ramp}"
+            )
         if t.ema_decay is not None and not 0 < t.ema_decay < 1:
             raise ProtocolError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
         if t.model.kind == "eacf":

@@ -155,14 +155,7 @@ def _training_dataset(protocol: Protocol, run: RunDirectory) -> Dataset:
 def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str) -> dict[str, Any]:
     """Flow matching (or likelihood) training with checkpoints; writes the EMA flow to ``train/flow.pt``."""
     from bgplugin.simulation import bias_training_set
-    from bgplugin.training import (
-        FlowMatching,
-        MaximumLikelihood,
-        Trainer,
-        TrainerConfig,
-        TrainingData,
-        probe_max_steps,
-    )
+    from bgplugin.training import FlowMatching, MaximumLikelihood, TrainingData
 
     train = protocol.train
     if train is None:
@@ -217,7 +210,43 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
             flow.prior, sigma=train.sigma, pairing={"eqot": "eqot", "ot": "ot", "cfm": "none"}[train.objective],
             atom_types=system.atom_types, allow_reflections=model.symmetry == "E(n)",
         )  # fmt: skip
-    training_data = TrainingData(positions, weights)
+    energy = _training_energy(system) if train.kl_weight > 0 else None
+    with contextlib.closing(energy) if hasattr(energy, "close") else contextlib.nullcontext():
+        return _fit(protocol, flow, objective, energy, TrainingData(positions, weights), folder, progress)
+
+
+def _training_energy(system: Any) -> Any:
+    """The target energy of the KL term: the system's force field in this process (OpenMM CPU, one thread)."""
+    if getattr(system, "openmm_system", None) is None:
+        return system.energy()
+    from bgplugin.energies import OpenMMEnergy
+    from bgplugin.energies.openmm_energy import available_platforms
+
+    platform = "CPU" if "CPU" in available_platforms() else "Reference"
+    return OpenMMEnergy(system, platform=platform, n_workers=0)
+
+
+def _mixed_objective(protocol: Protocol, flow: Any, energy: Any, schedule: Any) -> Any:
+    """(1 - lambda) maximum likelihood + lambda reverse KL: the joint one for an E-ACF, :class:`MLKL` for a CNF."""
+    train = protocol.train
+    assert train is not None
+    if train.model.kind == "eacf":
+        from bgplugin.flows.eacf.training import JointMLKL
+
+        return JointMLKL(flow, energy, train.kl_samples, schedule, energy_cutoff=train.energy_cutoff)
+    from bgplugin.training import MLKL
+
+    return MLKL(energy, train.kl_samples, schedule, divergence="hutchinson", energy_cutoff=train.energy_cutoff)
+
+
+def _fit(
+    protocol: Protocol, flow: Any, objective: Any, energy: Any, training_data: Any, folder: Path, progress: bool
+) -> dict[str, Any]:
+    from bgplugin.training import LambdaSchedule, Trainer, TrainerConfig, probe_max_steps
+
+    train = protocol.train
+    assert train is not None
+    model = train.model
     max_steps = train.max_steps
     settings_file = folder / "settings.json"
     if max_steps is None:
@@ -227,11 +256,22 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
             max_steps = int(json.loads(settings_file.read_text())["max_steps"])
         else:
             # 15 % margin: the probe runs on a quieter machine more often than the run does.
-            max_steps = probe_max_steps(
-                flow, objective, training_data, minutes=train.minutes, batch_size=min(train.batch_size,
-                len(training_data)), lr=train.lr, seed=protocol.seed, probe_steps=8, probe_seconds=30.0, margin=0.85,
-            )  # fmt: skip
+            def probe(timed: Any) -> int:
+                return probe_max_steps(
+                    flow, timed, training_data, minutes=train.minutes, batch_size=min(train.batch_size,
+                    len(training_data)), lr=train.lr, seed=protocol.seed, probe_steps=8, probe_seconds=30.0,
+                    margin=0.85,
+                )  # fmt: skip
+
+            max_steps = probe(objective)
+            if energy is not None:  # steps before kl_start cost what ML costs, the rest what both terms cost
+                both = probe(_mixed_objective(protocol, flow, energy, LambdaSchedule(train.kl_weight, train.kl_weight)))
+                max_steps = max(10, int(1.0 / (train.kl_start / max_steps + (1.0 - train.kl_start) / both)))
     write_json(settings_file, {"max_steps": max_steps, "n_frames": len(training_data)})
+    if energy is not None:
+        schedule = LambdaSchedule(0.0, train.kl_weight, ramp_start=int(train.kl_start * max_steps),
+                                  ramp_steps=int(train.kl_ramp * max_steps))  # fmt: skip
+        objective = _mixed_objective(protocol, flow, energy, schedule)
     grad_guard = model.kind == "eacf" if train.grad_guard is None else train.grad_guard
     max_rollbacks = (3 if model.kind == "eacf" else 0) if train.max_rollbacks is None else train.max_rollbacks
     by_time = train.schedule_clock == "time"
@@ -257,6 +297,10 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
         "rollbacks": summary.rollbacks, "lr_scale": summary.lr_scale,
         "n_training_frames": len(training_data), "n_parameters": sum(p.numel() for p in flow.parameters()),
         "device": str(flow.device), "flow": str(folder / FLOW_FILE), "loss_plot": str(folder / "loss.png"),
+        "kl": None if energy is None else {
+            "weight": train.kl_weight, "ramp_start": schedule.ramp_start, "ramp_steps": schedule.ramp_steps,
+            "samples": train.kl_samples, "energy_cutoff": train.energy_cutoff,
+        },
     }  # fmt: skip
 
 

@@ -11,6 +11,12 @@ Joint maximum likelihood (:class:`JointMaximumLikelihood`)
 Joint reverse KL (:class:`JointReverseKL`)
     :math:`\mathbb E_{(x,a) \sim q}[\log q(x, a) + u(x) - \log \pi(a|x)]`,
     from the energy alone (reparameterised samples).
+Joint ML + KL (:class:`JointMLKL`)
+    :math:`(1 - \lambda)` times the first plus :math:`\lambda` times the
+    second, :math:`\lambda` following a :class:`~bgplugin.training.LambdaSchedule`
+    (Noé et al. 2019's mixture of training by example and by energy): the data
+    keep the flow on the modes while the energy pulls its samples off
+    stretched bonds and overlapping atoms.
 FAB, :math:`\alpha = 2` (:class:`FABAlpha2`)
     Flow annealed importance sampling bootstrap (Midgley et al. 2023, ICLR):
     annealed importance sampling (AIS) with Hamiltonian Monte Carlo
@@ -48,12 +54,13 @@ from tqdm.auto import tqdm
 from bgplugin.flows.eacf.model import EACF
 from bgplugin.progress import bar_mininterval
 from bgplugin.training.guard import GradientGuard
-from bgplugin.training.likelihood import linlog_cutoff
+from bgplugin.training.likelihood import LambdaSchedule, linlog_cutoff
 from bgplugin.training.trainer import LearningRateFactor, LossOutput, TrainingData, adamw, weighted_mean
 
 __all__ = [
     "FABAlpha2",
     "GuardedOptimizer",
+    "JointMLKL",
     "JointMaximumLikelihood",
     "JointReverseKL",
     "ReplayBuffer",
@@ -303,6 +310,77 @@ class JointReverseKL:
         metrics = {"kl": float(kl.detach()), "energy": float(u_ok.detach().mean()), "failed_frames": float(failed),
                    "aux": float(aux_mean.detach())}  # fmt: skip
         return LossOutput(kl + self.aux_weight * aux_mean, metrics)
+
+
+class JointMLKL:
+    r"""Mixture :math:`(1 - \lambda)` joint NLL on data :math:`+ \lambda` joint reverse KL (Noé et al. 2019).
+
+    Parameters
+    ----------
+    flow : EACF
+    energy : callable
+        ``energy(x) -> u`` (batch,) in kT, differentiable; non-finite marks a failed frame (left out).
+    kl_samples : int
+        Flow samples per step for the KL term.
+    schedule : LambdaSchedule
+        :math:`\lambda` per step.
+    aux_weight : float
+        Weight of the collinearity loss (in both terms).
+    energy_cutoff : float or None
+        Linear-logarithmic regularisation of energies above this value (kT).
+
+    Notes
+    -----
+    A term whose weight is 0 at a step is not computed (its metrics are NaN),
+    so the steps before the ramp cost what maximum likelihood costs. A step
+    whose KL samples all fail (non-finite energy or density) trains on the
+    data term alone, with weight 1.
+    """
+
+    requires_data = True
+
+    def __init__(
+        self,
+        flow: EACF,
+        energy: EnergyFunction,
+        kl_samples: int,
+        schedule: LambdaSchedule,
+        *,
+        aux_weight: float = 1.0,
+        energy_cutoff: float | None = None,
+    ) -> None:
+        if not isinstance(schedule, LambdaSchedule):
+            raise TypeError(f"schedule must be a LambdaSchedule, got {type(schedule).__name__}")
+        self.ml = JointMaximumLikelihood(flow, aux_weight=aux_weight)
+        self.kl = JointReverseKL(flow, energy, kl_samples, aux_weight=aux_weight, energy_cutoff=energy_cutoff)
+        self.schedule = schedule
+
+    def __repr__(self) -> str:
+        return f"JointMLKL(kl={self.kl!r}, schedule={self.schedule!r})"
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> AugmentedBatch:
+        """The data minibatch (and its augmented noise) of the ML term."""
+        return self.ml.make_batch(x1, weights, generator)
+
+    def loss(self, model: torch.nn.Module, batch: AugmentedBatch, step: int) -> LossOutput:
+        """Mixed loss; metrics ``joint_nll``, ``kl``, ``energy``, ``failed_frames``, ``aux``, ``lambda``."""
+        weight = self.schedule(step)
+        metrics: dict[str, float] = {"joint_nll": math.nan, "kl": math.nan, "energy": math.nan,
+                                     "failed_frames": 0.0, "aux": math.nan, "lambda": weight}  # fmt: skip
+        kl = self.kl.loss(model, None, step) if weight > 0.0 else None
+        if kl is not None and not torch.isfinite(kl.loss):
+            metrics.update({k: v for k, v in kl.metrics.items() if k != "aux"})
+            kl, weight = None, 0.0
+        total: Tensor | None = None
+        if weight < 1.0:
+            ml = self.ml.loss(model, batch, step)
+            total = (1.0 - weight) * ml.loss
+            metrics.update(ml.metrics)
+        if kl is not None:
+            total = weight * kl.loss if total is None else total + weight * kl.loss
+            metrics.update({k: v for k, v in kl.metrics.items() if k != "aux" or math.isnan(metrics["aux"])})
+        assert total is not None
+        return LossOutput(total, metrics)
 
 
 class ReplayBuffer:
