@@ -127,9 +127,10 @@ def rational_quadratic(
     bin_heights, y_knots = _knots(heights, lower, upper)
     inputs = inputs.clamp(lower, upper)
     search = y_knots if inverse else x_knots
-    # searchsorted needs contiguous sequences; the last knot is nudged so that `upper` falls in the last bin
-    edges = search[..., 1:-1].contiguous()
-    index = torch.searchsorted(edges, inputs.unsqueeze(-1).contiguous(), right=True)
+    # the bin of each input: how many inner knots lie at or below it (searchsorted(..., right=True) of a few knots,
+    # as one comparison that torch.compile fuses; searchsorted warned about the strides of compiled knots)
+    edges = search[..., 1:-1]
+    index = (inputs.unsqueeze(-1) >= edges).sum(dim=-1, keepdim=True)
 
     def take(values: Tensor) -> Tensor:
         return torch.gather(values, -1, index).squeeze(-1)
