@@ -614,6 +614,7 @@ def test_joint_ml_kl_mixes_the_two_joint_objectives() -> None:
     expected = 0.85 * ml.loss(flow, batch, 15).loss + 0.15 * kl.loss(flow, None, 15).loss
     torch.testing.assert_close(at_15.loss, expected)
     assert at_15.metrics["lambda"] == pytest.approx(0.15)
+    assert at_15.watch == pytest.approx(float(ml.loss(flow, batch, 15).loss))  # run-away check: the data term
     assert math.isfinite(at_15.metrics["kl"]) and math.isfinite(at_15.metrics["joint_nll"])
     before = mixed.loss(flow, batch, 3)  # lambda 0: the KL term is not computed
     torch.testing.assert_close(before.loss, ml.loss(flow, batch, 3).loss)
@@ -623,7 +624,7 @@ def test_joint_ml_kl_mixes_the_two_joint_objectives() -> None:
     only = pure_kl.loss(flow, batch, 0)
     torch.manual_seed(5)
     torch.testing.assert_close(only.loss, JointReverseKL(flow, energy, 16).loss(flow, None, 0).loss)
-    assert math.isnan(only.metrics["joint_nll"])
+    assert math.isnan(only.metrics["joint_nll"]) and only.watch == pytest.approx(float(only.loss))
     failing = JointMLKL(flow, lambda x: torch.full(x.shape[:1], math.inf), 8, LambdaSchedule(0.5, 0.5))
     fallback = failing.loss(flow, batch, 0)
     torch.testing.assert_close(fallback.loss, ml.loss(flow, batch, 0).loss)

@@ -628,6 +628,41 @@ def test_a_runaway_loss_stops_training_after_max_rollbacks_with_a_good_checkpoin
     with pytest.raises(ValueError, match="max_rollbacks"):
         TrainerConfig(max_rollbacks=-1)
 
+class StepUpLoss:
+    """(w - 1)^2 plus an offset that jumps by 1e3 at ``jump_step`` (a mixture whose weights change on purpose).
+
+    ``watched``: the loss names its offset-free part as ``LossOutput.watch``.
+    """
+
+    requires_data = False
+
+    def __init__(self, jump_step: int, watched: bool) -> None:
+        self.jump_step, self.watched = jump_step, watched
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> None:
+        return None
+
+    def loss(self, model: nn.Module, batch: None, step: int) -> LossOutput:
+        term = ((model.weight - 1.0) ** 2).sum()
+        offset = 1e3 if step >= self.jump_step else 0.0
+        return LossOutput(term + offset, {}, float(term.detach()) if self.watched else None)
+
+
+def test_the_runaway_check_watches_what_the_objective_names() -> None:
+    settings = {"max_steps": 200, "lr": 0.05, "schedule": "constant", "snapshot_every": 20, "max_rollbacks": 1}
+    def model() -> nn.Module:
+        near = _cliff_model()
+        with torch.no_grad():
+            near.weight.fill_(0.0)  # converged well before the jump
+        return near
+
+    with pytest.raises(RuntimeError, match="ran away"):  # the loss's own jump looks like a run-away
+        Trainer(model(), StepUpLoss(100, watched=False), config(None, **settings)).fit()
+    trainer = Trainer(model(), StepUpLoss(100, watched=True), config(None, **settings))
+    summary = trainer.fit()
+    assert summary.rollbacks == 0 and summary.step == 200 and abs(trainer.model.weight.item() - 1.0) < 1e-3
+
+
 def test_learning_rate_schedule() -> None:
     trainer = _fresh("kl", None, max_steps=10, warmup_steps=2, schedule="cosine", min_lr_factor=0.1)
     factors = [trainer.scheduler.lr_lambdas[0](s) for s in range(11)]  # type: ignore[attr-defined]

@@ -357,7 +357,9 @@ class MLKL:
             kl = self.kl.loss(model, None, step)
             total = total + weight * kl.loss
             metrics.update(kl.metrics)
-        return LossOutput(total, metrics)
+        # the run-away check watches the NLL (the KL when it is alone): the mixture's scale moves with lambda
+        watch = metrics["nll"] if weight < 1.0 else metrics["kl"]
+        return LossOutput(total, metrics, watch)
 
 
 def _check_divergence(divergence: str) -> None:

@@ -66,10 +66,16 @@ class LossOutput(NamedTuple):
         Scalar to minimise (differentiable in the model's parameters).
     metrics : dict of str to float
         Diagnostics logged next to the loss (same keys at every step).
+    watch : float or None
+        What the run-away check (``TrainerConfig.max_rollbacks``) watches
+        instead of the loss: an objective whose loss changes scale on purpose
+        (a mixture whose weights follow a schedule) names a term whose scale
+        does not. ``None``: the loss.
     """
 
     loss: Tensor
     metrics: dict[str, float]
+    watch: float | None = None
 
 
 class Objective(Protocol):
@@ -730,7 +736,7 @@ class Trainer:
                     postfix = {"step": self.step} if by_time else {}
                     bar.set_postfix(**postfix, loss=f"{self._recent_loss():.4g}", refresh=False)
                 if self.runaway is not None:
-                    if self.runaway.observe(loss_value):
+                    if self.runaway.observe(loss_value if output.watch is None else output.watch):
                         self._roll_back(loss_value)
                         consecutive_bad = 0
                     elif self.runaway.streak == 0 and self.step % self.config.snapshot_every == 0:

@@ -334,7 +334,9 @@ class JointMLKL:
     A term whose weight is 0 at a step is not computed (its metrics are NaN),
     so the steps before the ramp cost what maximum likelihood costs. A step
     whose KL samples all fail (non-finite energy or density) trains on the
-    data term alone, with weight 1.
+    data term alone, with weight 1. The run-away check of the trainer watches
+    the data term (``LossOutput.watch``), whose scale does not move with
+    :math:`\lambda`; the KL term alone when :math:`\lambda = 1`.
     """
 
     requires_data = True
@@ -372,15 +374,20 @@ class JointMLKL:
             metrics.update({k: v for k, v in kl.metrics.items() if k != "aux"})
             kl, weight = None, 0.0
         total: Tensor | None = None
+        watch = math.nan
         if weight < 1.0:
             ml = self.ml.loss(model, batch, step)
             total = (1.0 - weight) * ml.loss
             metrics.update(ml.metrics)
+            watch = float(ml.loss.detach())
         if kl is not None:
             total = weight * kl.loss if total is None else total + weight * kl.loss
             metrics.update({k: v for k, v in kl.metrics.items() if k != "aux" or math.isnan(metrics["aux"])})
+            if weight == 1.0:
+                watch = float(kl.loss.detach())
         assert total is not None
-        return LossOutput(total, metrics)
+        # the run-away check watches the data term (the KL when it is alone): the mixture's scale moves with lambda
+        return LossOutput(total, metrics, watch)
 
 
 class ReplayBuffer:
