@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +38,6 @@ from bgplugin.testing import assert_equivariant
 EXACT_MODES: list[DivergenceMode] = ["exact", "autograd", "autograd_loop"]
 ALL_MODES: list[DivergenceMode] = [*EXACT_MODES, "hutchinson"]
 FLOWS = ["kernel-dw4", "egnn-dw4", "egnn-se3-typed", "egnn-lj13"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def randomise(module: nn.Module, std: float, seed: int = 0) -> None:
