@@ -219,11 +219,9 @@ def _training_energy(system: Any) -> Any:
     """The target energy of the KL term: the system's force field in this process (OpenMM CPU, one thread)."""
     if getattr(system, "openmm_system", None) is None:
         return system.energy()
-    from bgplugin.energies import OpenMMEnergy
     from bgplugin.energies.openmm_energy import available_platforms
 
-    platform = "CPU" if "CPU" in available_platforms() else "Reference"
-    return OpenMMEnergy(system, platform=platform, n_workers=0)
+    return system.energy(platform="CPU" if "CPU" in available_platforms() else "Reference", n_workers=0)
 
 
 def _mixed_objective(protocol: Protocol, flow: Any, energy: Any, schedule: Any) -> Any:
