@@ -10,6 +10,7 @@ Jacobian is the log-determinant with respect to the measure the densities use.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -573,11 +574,34 @@ def test_train_eacf_time_clock_spans_the_decay_over_the_budget() -> None:
                          max_minutes=minutes, schedule_clock="time", progress=False)  # fmt: skip
     assert 5 < len(history) < 10**6
     for previous, row in zip(history, history[1:], strict=False):
-        expected = 0.5e-3 * (1.0 + math.cos(math.pi * min(1.0, previous["seconds"] / (60.0 * minutes))))
+        expected = 0.5e-3 * (1.0 + math.cos(math.pi * min(1.0, previous["elapsed_seconds"] / (60.0 * minutes))))
         assert row["lr"] == pytest.approx(expected, abs=2e-5)
     assert history[-1]["lr"] < 0.2e-3
     with pytest.raises(ValueError, match="needs max_minutes"):
         train_eacf(flow, JointMaximumLikelihood(flow), data=data, steps=2, schedule_clock="time")
+
+
+def test_train_eacf_is_the_trainer_and_leaves_the_ema_in_the_flow() -> None:
+    """Same rows as the Trainer's log; with EMA decay 0.5 one step leaves (theta_0 + theta_1) / 2 in the flow."""
+    system = get_system("dw4")
+    data = torch.as_tensor(load_benchmark("dw4", "train")[:256], dtype=torch.float32)
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+    theta_0 = [p.detach().clone() for p in flow.parameters()]
+    plain, averaged = copy.deepcopy(flow), copy.deepcopy(flow)
+    rows = train_eacf(plain, JointMaximumLikelihood(plain), data=data, steps=1, lr=1e-2, batch_size=16,
+                      progress=False)  # fmt: skip
+    train_eacf(averaged, JointMaximumLikelihood(averaged), data=data, steps=1, lr=1e-2, batch_size=16,
+               ema_decay=0.5, progress=False)  # fmt: skip
+    assert [row["step"] for row in rows] == [1]
+    assert {"loss", "lr", "grad_norm", "elapsed_seconds", "joint_nll", "aux"} <= set(rows[0])
+    moved = 0.0
+    for p0, p1, pa in zip(theta_0, plain.parameters(), averaged.parameters(), strict=True):
+        torch.testing.assert_close(pa.detach(), 0.5 * (p0 + p1.detach()))
+        moved = max(moved, float((p1.detach() - p0).abs().max()))
+    assert moved > 1e-4  # the step changed the weights, so the check above can fail
+    with pytest.raises(ValueError, match="needs training data"):
+        train_eacf(flow, JointMaximumLikelihood(flow), steps=1, progress=False)
 
 
 def test_reverse_kl_and_fab_steps_are_finite() -> None:

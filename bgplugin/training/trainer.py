@@ -550,6 +550,10 @@ class Trainer:
     data : TrainingData or None
         Training configurations (and weights); required unless the objective
         needs no data (reverse KL).
+    keep_rows : bool
+        Also keep every logged row (the columns of ``loss.csv``) in memory, in
+        :attr:`rows`, for runs without ``out_dir``; rows of earlier sessions
+        of a resumed run are not loaded.
 
     Examples
     --------
@@ -559,7 +563,13 @@ class Trainer:
     """
 
     def __init__(
-        self, model: nn.Module, objective: Objective, config: TrainerConfig, data: TrainingData | None = None
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: TrainerConfig,
+        data: TrainingData | None = None,
+        *,
+        keep_rows: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -591,6 +601,8 @@ class Trainer:
         self._history: list[tuple[int, float]] = []
         self._pending_rows: list[dict[str, float]] = []
         self._columns: list[str] | None = None
+        self.keep_rows = bool(keep_rows)
+        self.rows: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ paths
     @property
@@ -971,6 +983,8 @@ class Trainer:
     # -------------------------------------------------------------------- logs
     def _record(self, row: dict[str, float]) -> None:
         self._history.append((int(row["step"]), float(row["loss"])))
+        if self.keep_rows:
+            self.rows.append(row)
         if self.out_dir is not None:
             self._pending_rows.append(row)
 

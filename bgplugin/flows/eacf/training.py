@@ -31,9 +31,11 @@ FAB, :math:`\alpha = 2` (:class:`FABAlpha2`)
 
 Each objective adds ``aux_weight`` times the collinearity loss of the frames
 (:func:`~bgplugin.flows.eacf.projections.collinearity_loss`). They follow the
-:class:`bgplugin.training.Objective` protocol, so :class:`bgplugin.training.Trainer`
-can run them; :func:`train_eacf` runs them with :class:`GuardedOptimizer`, the
-gradient-skipping and -clipping optimiser of the paper.
+:class:`bgplugin.training.Objective` protocol and train with
+:class:`bgplugin.training.Trainer` (``grad_guard=True``: the gradient skipping and
+clipping of the paper); :func:`train_eacf` is its in-memory shortcut.
+:class:`GuardedOptimizer` is the same guard around a bare optimiser, for loops
+of one's own.
 """
 
 from __future__ import annotations
@@ -49,13 +51,17 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from bgplugin.flows.eacf.model import EACF
-from bgplugin.progress import bar_mininterval
 from bgplugin.training.guard import GradientGuard
 from bgplugin.training.likelihood import LambdaSchedule, linlog_cutoff
-from bgplugin.training.trainer import LearningRateFactor, LossOutput, TrainingData, adamw, weighted_mean
+from bgplugin.training.trainer import (
+    LossOutput,
+    Trainer,
+    TrainerConfig,
+    TrainingData,
+    weighted_mean,
+)
 
 __all__ = [
     "FABAlpha2",
@@ -686,7 +692,7 @@ class FABAlpha2:
 # ------------------------------------------------------------------------ loop
 def train_eacf(
     flow: EACF,
-    objective: JointMaximumLikelihood | JointReverseKL | FABAlpha2,
+    objective: JointMaximumLikelihood | JointReverseKL | JointMLKL | FABAlpha2,
     *,
     data: TrainingData | Tensor | np.ndarray | None = None,
     steps: int = 1000,
@@ -698,15 +704,22 @@ def train_eacf(
     guard: bool = True,
     max_minutes: float | None = None,
     schedule_clock: Literal["steps", "time"] = "steps",
+    ema_decay: float | None = None,
+    max_rollbacks: int = 3,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train an E-ACF with Adam and :class:`GuardedOptimizer`.
+    """Train an E-ACF in memory: :class:`bgplugin.training.Trainer` with the paper's gradient guard.
+
+    A shortcut for ``Trainer(flow, objective, TrainerConfig(..., grad_guard=guard, out_dir=None))``: the same
+    loop as protocols and ``bgplugin bench eacf`` (AdamW, schedule, skip/clip guard, roll-back after a run-away
+    loss), without checkpoints or files. For runs worth resuming use :class:`~bgplugin.training.Trainer` with an
+    ``out_dir``.
 
     Parameters
     ----------
     flow : EACF
-    objective : JointMaximumLikelihood, JointReverseKL or FABAlpha2
+    objective : JointMaximumLikelihood, JointReverseKL, JointMLKL or FABAlpha2
     data : TrainingData, Tensor or ndarray, optional
         Training configurations (batch, n_particles, dim) for objectives that need data.
     steps : int
@@ -722,13 +735,19 @@ def train_eacf(
     warmup_steps : int
         Linear warm-up steps.
     guard : bool
-        Skip/clip outlying gradient norms (:class:`GuardedOptimizer`); False: plain steps.
+        Skip steps whose gradient norm exceeds 20x the running median of the last 100 and clip those above 5x
+        (:class:`~bgplugin.training.guard.GradientGuard`); False: plain steps.
     max_minutes : float, optional
         Wall-clock budget; training stops at the first step past it.
     schedule_clock : {"steps", "time"}
         What the cosine decay after warm-up spans: ``steps`` or
         ``max_minutes`` (needs it; ``steps`` is then only a cap, and the run
         is not reproducible bit for bit), as in :class:`bgplugin.training.TrainerConfig`.
+    ema_decay : float, optional
+        Keep an exponential moving average of the weights with this decay (e.g. 0.999) and leave it in the flow
+        at the end; None: the flow keeps the last weights.
+    max_rollbacks : int
+        Roll-backs after a run-away loss (``TrainerConfig.max_rollbacks``; 0: off).
     seed : int
         Seed of the minibatches and augmented noise.
     progress : bool
@@ -737,79 +756,27 @@ def train_eacf(
     Returns
     -------
     list of dict
-        One row per step: ``step``, ``loss``, ``lr``, ``grad_norm``, ``action``
-        (0 step, 1 clip, 2 skip), ``seconds`` and the objective's metrics.
+        One row per step, the columns of the trainer's ``loss.csv``: ``step``, ``loss``, ``lr``, ``grad_norm``,
+        ``data_seconds``, ``step_seconds``, ``elapsed_seconds`` and the objective's metrics.
     """
     _check_flow(flow)
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("warmup_steps", warmup_steps, 0)
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    if schedule_clock not in ("steps", "time"):
-        raise ValueError(f"schedule_clock must be 'steps' or 'time', got {schedule_clock!r}")
-    if schedule_clock == "time" and max_minutes is None:
-        raise ValueError("schedule_clock='time' needs max_minutes (the span of the schedule); set it")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    config = TrainerConfig(
+        max_steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, warmup_steps=warmup_steps, schedule_clock=schedule_clock, grad_guard=guard,
+        ema_decay=ema_decay, max_rollbacks=max_rollbacks, seed=seed, progress=progress, out_dir=None,
+    )  # fmt: skip
     if objective.requires_data and data is None:
         raise ValueError(f"{type(objective).__name__} needs training data; pass data=...")
     if not objective.requires_data and data is not None:
         raise ValueError(f"{type(objective).__name__} uses no training data; pass data=None")
     training = None if data is None else (data if isinstance(data, TrainingData) else TrainingData(data))
-    adam = adamw([p for p in flow.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    optimizer = GuardedOptimizer(adam) if guard else None
-    generator = torch.Generator().manual_seed(seed)
-    codes = {"step": 0.0, "clip": 1.0, "skip": 2.0}
-    history: list[dict[str, float]] = []
-    budget = None if max_minutes is None else 60.0 * max_minutes
-    by_time = schedule_clock == "time"
-    lr_factor = LearningRateFactor(schedule, steps, warmup_steps, 0.0, budget if by_time else None)
-    start = time.perf_counter()
-    # with the time clock the bar counts seconds of the budget (the step count is only a cap)
-    bar = tqdm(total=round(budget) if by_time else steps, unit="s" if by_time else "it",  # type: ignore[arg-type]
-               desc=type(objective).__name__, disable=not progress, dynamic_ncols=True,
-               mininterval=bar_mininterval())  # fmt: skip
-    for step in range(steps):
-        elapsed = time.perf_counter() - start
-        if budget is not None and elapsed > budget:
-            logger.info("time budget of %.1f min reached at step %d", max_minutes, step)
-            break
-        lr_factor.elapsed_seconds = elapsed
-        factor = lr_factor(step)
-        for group in adam.param_groups:
-            group["lr"] = lr * factor
-        x1 = weights = None
-        if training is not None:
-            index = torch.randint(len(training), (batch_size,), generator=generator)
-            x1 = training.positions[index]
-            weights = None if training.weights is None else training.weights[index]
-        batch = objective.make_batch(x1, weights, generator)
-        flow.train()
-        adam.zero_grad(set_to_none=True)
-        output = objective.loss(flow, batch, step)  # type: ignore[arg-type]
-        loss_value = float(output.loss.detach())
-        if math.isfinite(loss_value):
-            output.loss.backward()
-            if optimizer is not None:
-                report = optimizer.step()
-            else:
-                norm = float(torch.nn.utils.clip_grad_norm_(flow.parameters(), math.inf))
-                report = StepReport("step", norm, math.nan)
-                if math.isfinite(norm):
-                    adam.step()
-        else:
-            report = StepReport("skip", math.nan, math.nan)
-        row = {"step": float(step + 1), "loss": loss_value, "lr": lr * factor, "grad_norm": report.grad_norm,
-               "action": codes[report.action], "seconds": time.perf_counter() - start, **output.metrics}  # fmt: skip
-        history.append(row)
-        bar.update(int(row["seconds"]) - bar.n if by_time else 1)
-        if progress and step % 20 == 0:
-            bar.set_postfix(**({"step": step + 1} if by_time else {}), loss=f"{loss_value:.4g}", refresh=False)
-    bar.close()
-    flow.eval()
-    skipped = sum(1 for row in history if row["action"] == 2.0)
-    clipped = sum(1 for row in history if row["action"] == 1.0)
-    logger.info("trained %d steps in %.1f s (%d skipped, %d clipped)", len(history),
-                time.perf_counter() - start, skipped, clipped)  # fmt: skip
-    return history
+    trainer = Trainer(flow, objective, config, training, keep_rows=True)
+    try:
+        trainer.fit(resume=False)
+    finally:
+        if trainer.ema is not None:
+            trainer.ema.copy_to()
+        flow.eval()
+    return trainer.rows
