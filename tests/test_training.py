@@ -326,6 +326,22 @@ def test_lambda_schedule_and_mixture() -> None:
         LambdaSchedule(start=1.5)
 
 
+def test_mixture_trains_on_the_data_term_when_every_kl_sample_fails() -> None:
+    """MLKL (a KLMixture): all-NaN energies leave the NLL with weight 1, finite gradients, the failures logged."""
+    flow = ScaleFlow(3, 2, log_scale=0.2)
+    x = flow.sample(16)[0].detach()
+    objective = MLKL(lambda y: torch.full(y.shape[:1], math.nan, dtype=y.dtype), 8, LambdaSchedule(0.5, 0.5),
+                     divergence="exact")  # fmt: skip
+    out = objective.loss(flow, objective.make_batch(x, None, torch.Generator()), step=0)
+    nll = nll_loss(flow, x, divergence="exact")
+    torch.testing.assert_close(out.loss, nll)
+    assert out.watch == pytest.approx(float(nll))
+    assert out.metrics["failed_frames"] == 8.0 and math.isnan(out.metrics["kl"]) and out.metrics["lambda"] == 0.5
+    assert list(out.metrics) == ["nll", "kl", "energy", "failed_frames", "lambda"]
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in flow.parameters())
+
+
 # -------------------------------------------------------------------- trainer
 Recipe = tuple[Callable[[], nn.Module], Callable[[Any], Any], bool]
 

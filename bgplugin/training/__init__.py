@@ -21,6 +21,7 @@ from bgplugin.training.guard import GradientGuard, GuardDecision, RunawayLoss
 from bgplugin.training.likelihood import (
     MLKL,
     DataBatch,
+    KLMixture,
     LambdaSchedule,
     MaximumLikelihood,
     ReverseKL,
@@ -53,6 +54,7 @@ from bgplugin.training.trainer import (
 
 __all__ = [
     "MLKL",
+    "KLMixture",
     "DataBatch",
     "ExponentialMovingAverage",
     "FlowMatching",

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -297,8 +297,94 @@ class LambdaSchedule:
         return self.start + (self.end - self.start) * fraction
 
 
-class MLKL:
-    r"""Mixture :math:`(1-\lambda) J_\mathrm{ML} + \lambda J_\mathrm{KL}` (Noé et al. 2019).
+class KLMixture:
+    r"""Mixture :math:`(1-\lambda)` data term :math:`+ \lambda` energy term (Noé et al. 2019's ML + KL).
+
+    The shared logic of :class:`MLKL` (CNF) and
+    :class:`bgplugin.flows.eacf.JointMLKL` (E-ACF); either term is any
+    :class:`~bgplugin.training.Objective`, the energy term one that uses no
+    data (its batch is ``None``).
+
+    Parameters
+    ----------
+    data_term : Objective
+        Trained on the minibatch (maximum likelihood); it makes the batches.
+    energy_term : Objective
+        Trained on the flow's own samples (reverse KL); a non-finite loss
+        means that all its samples failed.
+    schedule : LambdaSchedule
+        :math:`\lambda` per step.
+    metric_keys : sequence of str
+        The metrics of both terms, logged at every step (NaN for a term not
+        computed); ``failed_frames`` and ``lambda`` are added.
+
+    Notes
+    -----
+    A term whose weight is 0 at a step is not computed, so the steps before
+    a ramp cost what the data term alone costs. A step whose energy-term
+    samples all fail trains on the data term alone, with weight 1 (its
+    ``failed_frames`` are logged). Where both terms report a metric (the
+    E-ACF's ``aux``), the data term's value is logged. The trainer's run-away
+    check watches the data term (``LossOutput.watch``), whose scale does not
+    move with :math:`\lambda`; the energy term when :math:`\lambda = 1`.
+    """
+
+    requires_data = True
+
+    def __init__(self, data_term: Any, energy_term: Any, schedule: LambdaSchedule, metric_keys: Sequence[str]) -> None:
+        if not isinstance(schedule, LambdaSchedule):
+            raise TypeError(f"schedule must be a LambdaSchedule, got {type(schedule).__name__}")
+        self.data_term = data_term
+        self.energy_term = energy_term
+        self.schedule = schedule
+        self.metric_keys = tuple(dict.fromkeys((*metric_keys, "failed_frames", "lambda")))
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(data={self.data_term!r}, energy={self.energy_term!r}, schedule={self.schedule!r})"
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> Any:
+        """The data term's minibatch."""
+        return self.data_term.make_batch(x1, weights, generator)
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> LossOutput:
+        """Mixed loss; metrics ``metric_keys``."""
+        weight = self.schedule(step)
+        metrics = dict.fromkeys(self.metric_keys, math.nan)
+        metrics.update(failed_frames=0.0, **{"lambda": weight})
+        energy = self.energy_term.loss(model, None, step) if weight > 0.0 else None
+        if energy is not None and not torch.isfinite(energy.loss):
+            self._log(metrics, energy.metrics)
+            energy, weight = None, 0.0
+        total: Tensor | None = None
+        watch = math.nan
+        data_keys: set[str] = set()
+        if weight < 1.0:
+            data = self.data_term.loss(model, batch, step)
+            total = (1.0 - weight) * data.loss
+            self._log(metrics, data.metrics)
+            data_keys = set(data.metrics)
+            watch = float(data.loss.detach())
+        if energy is not None:
+            total = weight * energy.loss if total is None else total + weight * energy.loss
+            self._log(metrics, energy.metrics, keep=data_keys)
+            if weight == 1.0:
+                watch = float(energy.loss.detach())
+        assert total is not None
+        return LossOutput(total, metrics, watch)
+
+    @staticmethod
+    def _log(metrics: dict[str, float], values: dict[str, float], keep: set[str] = frozenset()) -> None:
+        """Copy the values of the logged keys into ``metrics``, except the keys in ``keep``."""
+        for key, value in values.items():
+            if key in metrics and key not in keep:
+                metrics[key] = value
+
+
+class MLKL(KLMixture):
+    r"""Mixture :math:`(1-\lambda) J_\mathrm{ML} + \lambda J_\mathrm{KL}` for a CNF (Noé et al. 2019).
+
+    :class:`KLMixture` of :class:`MaximumLikelihood` and :class:`ReverseKL`.
 
     Parameters
     ----------
@@ -315,10 +401,11 @@ class MLKL:
 
     Notes
     -----
-    A term whose weight is 0 at a step is not computed (its metric is NaN).
+    A term whose weight is 0 at a step is not computed (its metric is NaN);
+    a step whose KL samples all fail trains on the NLL alone (since stop 22;
+    before, the step was skipped). Metrics ``nll``, ``kl``, ``energy``,
+    ``failed_frames``, ``lambda``.
     """
-
-    requires_data = True
 
     def __init__(
         self,
@@ -329,37 +416,10 @@ class MLKL:
         divergence: DivergenceEstimate = "hutchinson",
         energy_cutoff: float | None = None,
     ) -> None:
-        if not isinstance(schedule, LambdaSchedule):
-            raise TypeError(f"schedule must be a LambdaSchedule, got {type(schedule).__name__}")
+        self.ml = MaximumLikelihood(divergence=divergence)
         self.kl = ReverseKL(energy, kl_samples, divergence=divergence, energy_cutoff=energy_cutoff)
-        self.schedule = schedule
         self.divergence: DivergenceEstimate = divergence
-
-    def __repr__(self) -> str:
-        return f"MLKL(kl={self.kl!r}, schedule={self.schedule!r})"
-
-    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> DataBatch:
-        """The data minibatch for the ML term."""
-        return _data_batch(x1, weights)
-
-    def loss(self, model: nn.Module, batch: DataBatch, step: int) -> LossOutput:
-        """Mixed loss; metrics ``nll``, ``kl``, ``energy``, ``failed_frames``, ``lambda``."""
-        weight = self.schedule(step)
-        batch = _to_model(model, batch)
-        reference = next(model.parameters())
-        total = torch.zeros((), device=reference.device, dtype=reference.dtype)
-        metrics = {"nll": math.nan, "kl": math.nan, "energy": math.nan, "failed_frames": 0.0, "lambda": weight}
-        if weight < 1.0:
-            nll = nll_loss(model, batch.x, batch.weights, divergence=self.divergence)
-            total = total + (1.0 - weight) * nll
-            metrics["nll"] = float(nll.detach())
-        if weight > 0.0:
-            kl = self.kl.loss(model, None, step)
-            total = total + weight * kl.loss
-            metrics.update(kl.metrics)
-        # the run-away check watches the NLL (the KL when it is alone): the mixture's scale moves with lambda
-        watch = metrics["nll"] if weight < 1.0 else metrics["kl"]
-        return LossOutput(total, metrics, watch)
+        super().__init__(self.ml, self.kl, schedule, ("nll", "kl", "energy"))
 
 
 def _check_divergence(divergence: str) -> None:

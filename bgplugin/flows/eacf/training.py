@@ -54,7 +54,7 @@ from torch import Tensor
 
 from bgplugin.flows.eacf.model import EACF
 from bgplugin.training.guard import GradientGuard
-from bgplugin.training.likelihood import LambdaSchedule, linlog_cutoff
+from bgplugin.training.likelihood import KLMixture, LambdaSchedule, linlog_cutoff
 from bgplugin.training.trainer import (
     LossOutput,
     Trainer,
@@ -318,8 +318,11 @@ class JointReverseKL:
         return LossOutput(kl + self.aux_weight * aux_mean, metrics)
 
 
-class JointMLKL:
+class JointMLKL(KLMixture):
     r"""Mixture :math:`(1 - \lambda)` joint NLL on data :math:`+ \lambda` joint reverse KL (Noé et al. 2019).
+
+    :class:`bgplugin.training.KLMixture` of :class:`JointMaximumLikelihood`
+    and :class:`JointReverseKL`.
 
     Parameters
     ----------
@@ -342,10 +345,10 @@ class JointMLKL:
     whose KL samples all fail (non-finite energy or density) trains on the
     data term alone, with weight 1. The run-away check of the trainer watches
     the data term (``LossOutput.watch``), whose scale does not move with
-    :math:`\lambda`; the KL term alone when :math:`\lambda = 1`.
+    :math:`\lambda`; the KL term alone when :math:`\lambda = 1`. Metrics
+    ``joint_nll``, ``aux`` (of the data term when it is computed), ``kl``,
+    ``energy``, ``failed_frames``, ``lambda``.
     """
-
-    requires_data = True
 
     def __init__(
         self,
@@ -357,43 +360,9 @@ class JointMLKL:
         aux_weight: float = 1.0,
         energy_cutoff: float | None = None,
     ) -> None:
-        if not isinstance(schedule, LambdaSchedule):
-            raise TypeError(f"schedule must be a LambdaSchedule, got {type(schedule).__name__}")
         self.ml = JointMaximumLikelihood(flow, aux_weight=aux_weight)
         self.kl = JointReverseKL(flow, energy, kl_samples, aux_weight=aux_weight, energy_cutoff=energy_cutoff)
-        self.schedule = schedule
-
-    def __repr__(self) -> str:
-        return f"JointMLKL(kl={self.kl!r}, schedule={self.schedule!r})"
-
-    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> AugmentedBatch:
-        """The data minibatch (and its augmented noise) of the ML term."""
-        return self.ml.make_batch(x1, weights, generator)
-
-    def loss(self, model: torch.nn.Module, batch: AugmentedBatch, step: int) -> LossOutput:
-        """Mixed loss; metrics ``joint_nll``, ``kl``, ``energy``, ``failed_frames``, ``aux``, ``lambda``."""
-        weight = self.schedule(step)
-        metrics: dict[str, float] = {"joint_nll": math.nan, "kl": math.nan, "energy": math.nan,
-                                     "failed_frames": 0.0, "aux": math.nan, "lambda": weight}  # fmt: skip
-        kl = self.kl.loss(model, None, step) if weight > 0.0 else None
-        if kl is not None and not torch.isfinite(kl.loss):
-            metrics.update({k: v for k, v in kl.metrics.items() if k != "aux"})
-            kl, weight = None, 0.0
-        total: Tensor | None = None
-        watch = math.nan
-        if weight < 1.0:
-            ml = self.ml.loss(model, batch, step)
-            total = (1.0 - weight) * ml.loss
-            metrics.update(ml.metrics)
-            watch = float(ml.loss.detach())
-        if kl is not None:
-            total = weight * kl.loss if total is None else total + weight * kl.loss
-            metrics.update({k: v for k, v in kl.metrics.items() if k != "aux" or math.isnan(metrics["aux"])})
-            if weight == 1.0:
-                watch = float(kl.loss.detach())
-        assert total is not None
-        # the run-away check watches the data term (the KL when it is alone): the mixture's scale moves with lambda
-        return LossOutput(total, metrics, watch)
+        super().__init__(self.ml, self.kl, schedule, ("joint_nll", "kl", "energy", "failed_frames", "aux"))
 
 
 class ReplayBuffer:
