@@ -102,6 +102,28 @@ def test_failure_policy_raise_names_the_frames() -> None:
     assert list(info.value.status) == [FrameStatus.OK, FrameStatus.NAN_COORDINATES]
 
 
+def test_failures_are_logged_in_full_a_few_times_then_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    """Training on an energy for hours must not log every batch with a failed frame."""
+    system = get_system("dw4")
+    energy = system.energy()
+    x = torch.as_tensor(system.positions, dtype=torch.float64).expand(3, 4, 2).clone()
+    x[1, 0, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="bgplugin.energies.base"):
+        for _ in range(energy.FAILURE_WARNINGS_IN_FULL + 3):
+            energy(x)
+        energy(x[[0, 2]])  # no failure
+        energy.FAILURE_SUMMARY_SECONDS = 0.0
+        energy(x)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == energy.FAILURE_WARNINGS_IN_FULL + 1, messages
+    assert all("1 of 3 frames failed (1 NAN_COORDINATES)" in m for m in messages[:-1])
+    assert "summarised at most every 60 s" in messages[-2]
+    # the summary counts every call since the last message: 4 failing calls of 3 frames and one clean call of 2
+    assert "4 of 14 frames evaluated since the last message failed, in 4 calls" in messages[-1]
+    assert "all failures so far: 9 NAN_COORDINATES" in messages[-1]
+    assert energy.failure_counts["NAN_COORDINATES"] == 9
+
+
 def test_shape_mismatch_names_expected_and_received() -> None:
     energy = get_system("lj13").energy()
     with pytest.raises(ValueError, match=r"shape \(batch, 13, 3\), got \(2, 12, 3\)"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -93,7 +95,10 @@ class Energy:
 
     Subclasses implement :meth:`_evaluate`, which returns an
     :class:`EnergyResult`; the base class validates shapes, applies the
-    failure policy, logs failures once per call, keeps counts, and (for
+    failure policy, logs failures (each of the first
+    ``FAILURE_WARNINGS_IN_FULL`` calls with failures, then a summary at most
+    every ``FAILURE_SUMMARY_SECONDS``, so that training on the energy for
+    hours does not flood the log), keeps counts, and (for
     engines that are not written in torch) injects the engine's forces as the
     gradient through a :class:`torch.autograd.Function`.
 
@@ -110,6 +115,10 @@ class Energy:
 
     #: True for energies written in torch (autograd gives the forces).
     differentiable_in_torch: bool = False
+    #: Calls with failed frames that are logged one by one before summaries take over.
+    FAILURE_WARNINGS_IN_FULL: int = 5
+    #: Least time between two summaries of failed frames, in s.
+    FAILURE_SUMMARY_SECONDS: float = 60.0
 
     def __init__(
         self,
@@ -135,6 +144,9 @@ class Energy:
         self.last_status: np.ndarray | None = None
         self.failure_counts: Counter[str] = Counter()
         self.n_evaluated = 0
+        self._failing_calls = 0
+        self._unreported = [0, 0, 0]  # calls, failed frames, frames evaluated since the last message
+        self._last_report = -math.inf
 
     # ------------------------------------------------------------------ public
     def __call__(self, x: Tensor) -> Tensor:
@@ -202,6 +214,7 @@ class Energy:
     def _record(self, status: np.ndarray) -> None:
         self.last_status = status
         self.n_evaluated += len(status)
+        self._unreported[2] += len(status)
         failed = status != FrameStatus.OK
         if not failed.any():
             return
@@ -211,7 +224,26 @@ class Energy:
         message = f"{type(self).__name__}: {int(failed.sum())} of {len(status)} frames failed ({summary})"
         if self.failure_policy is FailurePolicy.RAISE:
             raise EnergyEvaluationError(message + "; pass failure_policy='inf' to get +inf instead", status)
-        logger.warning("%s; their energy is +inf", message)
+        self._failing_calls += 1
+        self._unreported[0] += 1
+        self._unreported[1] += int(failed.sum())
+        now = time.monotonic()
+        if self._failing_calls <= self.FAILURE_WARNINGS_IN_FULL:
+            last = self._failing_calls == self.FAILURE_WARNINGS_IN_FULL
+            later = f"; later failures are summarised at most every {self.FAILURE_SUMMARY_SECONDS:g} s" if last else ""
+            logger.warning("%s; their energy is +inf%s", message, later)
+        elif now - self._last_report >= self.FAILURE_SUMMARY_SECONDS:
+            calls, frames, total = self._unreported
+            counts = ", ".join(f"{count} {name}" for name, count in sorted(self.failure_counts.items()))
+            logger.warning(
+                "%s: %d of %d frames evaluated since the last message failed, in %d calls (their energy is +inf); "
+                "all failures so far: %s (failure_counts)",
+                type(self).__name__, frames, total, calls, counts,
+            )  # fmt: skip
+        else:
+            return
+        self._unreported = [0, 0, 0]
+        self._last_report = now
 
 
 class _InjectForces(torch.autograd.Function):
