@@ -11,6 +11,7 @@ Jacobian is the log-determinant with respect to the measure the densities use.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -752,6 +753,14 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert again["nll"] == pytest.approx(result["nll"], abs=0.5)  # same weights; the marginal estimate is random
     with pytest.raises(ValueError, match="different training settings"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})
+    # a run written before n_transforms was a setting used 1 transform: it resumes with 1 and refuses 2
+    settings_file = tmp_path / "run" / "bench_settings.json"
+    saved = json.loads(settings_file.read_text())
+    assert saved["flow"].pop("n_transforms") == 1
+    settings_file.write_text(json.dumps(saved))
+    assert bench_eacf("dw4", tmp_path / "run", **options)["training"]["resumed"] is True
+    with pytest.raises(ValueError, match="n_transforms"):
+        bench_eacf("dw4", tmp_path / "run", **{**options, "n_transforms": 2})
     with pytest.raises(ValueError, match="ema_decay"):
         bench_eacf("dw4", tmp_path / "other", **{**options, "ema_decay": 1.5})
     fresh = bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3, "ema_decay": 0.9, "prior_std": 1.5},

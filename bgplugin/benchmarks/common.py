@@ -41,7 +41,12 @@ def machine_record() -> dict[str, Any]:
 
 
 def resolve_training_settings(
-    out: Path, requested: dict[str, Any], resume: bool, keys: Iterable[str], what: str
+    out: Path,
+    requested: dict[str, Any],
+    resume: bool,
+    keys: Iterable[str],
+    what: str,
+    older_defaults: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, bool]:
     """Saved settings of a resumable training benchmark in ``out`` (checked against ``requested``), or None.
 
@@ -57,6 +62,10 @@ def resolve_training_settings(
         Settings that must match to resume (``max_steps`` only when requested).
     what : str
         The benchmark's name, for the error messages.
+    older_defaults : dict, optional
+        Values of settings added after a run was written, as that run used them (one level of nested dicts is
+        merged: ``{"flow": {"n_transforms": 1}}``); a saved file without them matches a request with them.
+        ``schedule_clock`` is always ``"steps"`` for runs written before the time clock existed.
 
     Returns
     -------
@@ -73,16 +82,21 @@ def resolve_training_settings(
             "resumed; use another out_dir or pass resume=False to overwrite it"
         )
     saved = json.loads(saved_path.read_text())
+    filled = dict(saved)
+    for key, value in {"schedule_clock": "steps", **(older_defaults or {})}.items():
+        if isinstance(value, dict) and isinstance(filled.get(key), dict):
+            filled[key] = {**value, **filled[key]}
+        else:
+            filled.setdefault(key, value)
     compare = [k for k in keys if not (k == "max_steps" and requested[k] is None)]
-    # runs written before the time clock existed used the step clock
-    changed = [k for k in compare if saved.get(k, "steps" if k == "schedule_clock" else None) != requested[k]]
+    changed = [k for k in compare if filled.get(k) != requested[k]]
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {requested[k]!r}" for k in changed)
+        detail = ", ".join(f"{k}: {filled.get(k)!r} -> {requested[k]!r}" for k in changed)
         raise ValueError(
             f"{out} holds a run with different training settings ({detail}); use another out_dir, "
             "pass resume=False to start over, or repeat the original settings to resume"
         )
-    return saved, True
+    return filled, True
 
 
 def auto_ema_decay(ema_decay: float | Literal["auto"] | None, max_steps: int) -> float | None:

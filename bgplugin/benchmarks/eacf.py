@@ -220,6 +220,7 @@ def bench_eacf(
     n_blocks: int | None = None,
     hidden: int | None = None,
     n_layers: int | None = None,
+    n_transforms: int = 1,
     n_aug: int = 1,
     prior_std: float | None = None,
     compiled: bool = True,
@@ -259,8 +260,9 @@ def bench_eacf(
         The cosine decay spans the ``minutes`` of training (``"time"``, the
         default: it ends when the budget is spent, however loaded the machine)
         or the step count (``"steps"``: reproducible bit for bit).
-    projection, n_blocks, hidden, n_layers, n_aug
-        Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer).
+    projection, n_blocks, hidden, n_layers, n_transforms, n_aug
+        Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer; 1 transform per
+        coupling layer, 1 augmented variable).
     prior_std : float, optional
         Standard deviation of the mean-free Gaussian base of x (and the
         radius-spline range, ``2 * prior_std``); default per system (1.0).
@@ -322,6 +324,7 @@ def bench_eacf(
         "n_blocks": defaults["n_blocks"] if n_blocks is None else n_blocks,
         "hidden": defaults["hidden"] if hidden is None else hidden,
         "n_layers": defaults["n_layers"] if n_layers is None else n_layers,
+        "n_transforms": n_transforms,
         "n_aug": n_aug,
         "prior_std": defaults["prior_std"] if prior_std is None else prior_std,
         "n_marginal": n_marginal,
@@ -368,7 +371,9 @@ def bench_eacf(
                 return FABAlpha2(flow, energy, batch_size=batch, buffer_size=200 * batch,
                                  min_buffer=batch if warm_up else 20 * batch)  # fmt: skip
 
-            saved, resumed = resolve_training_settings(out, requested, resume, _TRAINING_KEYS, "bench_eacf")
+            saved, resumed = resolve_training_settings(
+                out, requested, resume, _TRAINING_KEYS, "bench_eacf", older_defaults={"flow": {"n_transforms": 1}}
+            )
             settings = dict(saved) if saved is not None else dict(requested)
             compile_seconds = 0.0
             if compiled or (saved is None and max_steps is None):
@@ -553,6 +558,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, help="coupling blocks (system default)")
     parser.add_argument("--hidden", type=int, help="EGNN width (system default)")
     parser.add_argument("--layers", type=int, help="EGNN layers per conditioner (system default)")
+    parser.add_argument("--transforms", type=int, default=1,
+                        help="projection transforms in sequence per coupling layer, each with its own origin, "
+                             "reference vectors and spline parameters from the layer's one EGNN (1; the reference "
+                             "implementation's LJ13 setting is 3)")
     parser.add_argument("--n-aug", type=int, default=1, help="augmented variables (1)")
     parser.add_argument("--prior-std", type=float,
                         help="standard deviation of the Gaussian base of x (system default)")
@@ -600,6 +609,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         n_blocks=args.blocks,
         hidden=args.hidden,
         n_layers=args.layers,
+        n_transforms=args.transforms,
         n_aug=args.n_aug,
         prior_std=args.prior_std,
         compiled=not args.no_compile,
