@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -374,7 +375,7 @@ class KLMixture:
         return LossOutput(total, metrics, watch)
 
     @staticmethod
-    def _log(metrics: dict[str, float], values: dict[str, float], keep: set[str] = frozenset()) -> None:
+    def _log(metrics: dict[str, float], values: dict[str, float], keep: AbstractSet[str] = frozenset()) -> None:
         """Copy the values of the logged keys into ``metrics``, except the keys in ``keep``."""
         for key, value in values.items():
             if key in metrics and key not in keep:

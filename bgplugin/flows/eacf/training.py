@@ -736,11 +736,8 @@ def train_eacf(
         schedule=schedule, warmup_steps=warmup_steps, schedule_clock=schedule_clock, grad_guard=guard,
         ema_decay=ema_decay, max_rollbacks=max_rollbacks, seed=seed, progress=progress, out_dir=None,
     )  # fmt: skip
-    if objective.requires_data and data is None:
-        raise ValueError(f"{type(objective).__name__} needs training data; pass data=...")
-    if not objective.requires_data and data is not None:
-        raise ValueError(f"{type(objective).__name__} uses no training data; pass data=None")
     training = None if data is None else (data if isinstance(data, TrainingData) else TrainingData(data))
+    # the Trainer refuses data for an objective that uses none, and no data for one that needs it
     trainer = Trainer(flow, objective, config, training, keep_rows=True)
     try:
         trainer.fit(resume=False)
