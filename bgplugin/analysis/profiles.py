@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mdtraj
 import numpy as np
@@ -39,11 +39,10 @@ from bgplugin.simulation.profiles import (
     PHI_POSITIVE,
     CVRange,
     FreeEnergyProfile,
+    FreeEnergyUnits,
     delta_f,
-    energy_unit_scale,
 )
 from bgplugin.systems import CollectiveVariable, backbone_dihedrals
-from bgplugin.units import kt_kj_per_mol
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +438,7 @@ def _temperature(explicit: float | None, from_data: float | None) -> float:
 
 
 @dataclass(frozen=True)
-class FreeEnergyProfile2D:
+class FreeEnergyProfile2D(FreeEnergyUnits):
     r"""A 2D free-energy surface :math:`F(x, y) = -\ln p` on an equal-width grid.
 
     Attributes
@@ -499,16 +498,6 @@ class FreeEnergyProfile2D:
     def centers_y(self) -> np.ndarray:
         """Bin centres along y, shape (ny,)."""
         return 0.5 * (self.edges_y[1:] + self.edges_y[:-1])
-
-    @property
-    def kt(self) -> float:
-        """kT in kJ/mol at the surface's temperature."""
-        return kt_kj_per_mol(self.temperature)
-
-    def in_units(self, units: Literal["kT", "kJ/mol", "kcal/mol"]) -> tuple[np.ndarray, np.ndarray]:
-        """``(f, df)`` in ``units``."""
-        scale = energy_unit_scale(self.temperature, units)
-        return self.f * scale, self.df * scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable content (``inf`` written as null)."""

@@ -35,7 +35,7 @@ from bgplugin.flows.divergence import (
     sample_probes,
 )
 from bgplugin.flows.field import VectorField
-from bgplugin.flows.prior import MeanFreeGaussian
+from bgplugin.flows.prior import MeanFreeGaussian, PriorBackedFlow
 
 __all__ = ["CNF", "DeviceSpec", "Solver", "resolve_device"]
 
@@ -98,7 +98,7 @@ class _Dynamics(nn.Module):
         return hutchinson(self.field, t_batch, x, self.probes, create_graph=create_graph)
 
 
-class CNF(nn.Module):
+class CNF(PriorBackedFlow):
     """Continuous normalizing flow ``prior -> data`` with exact log-densities.
 
     Parameters
@@ -213,26 +213,6 @@ class CNF(nn.Module):
         self.to(resolve_device(device))
 
     # -- properties and configuration ---------------------------------------------------------
-    @property
-    def n_particles(self) -> int:
-        """Number of particles."""
-        return self.field.n_particles
-
-    @property
-    def dim(self) -> int:
-        """Spatial dimension."""
-        return self.field.dim
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the flow's tensors."""
-        return self.prior.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating-point dtype of the flow's tensors."""
-        return self.prior.dtype
-
     def options(self) -> dict[str, Any]:
         """Solver and divergence options (the keyword arguments of the constructor)."""
         return {

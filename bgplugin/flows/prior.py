@@ -39,6 +39,7 @@ from bgplugin.flows.field import as_atom_types
 __all__ = [
     "CorrelatedMeanFreeGaussian",
     "MeanFreeGaussian",
+    "PriorBackedFlow",
     "fit_particle_covariance",
     "make_prior",
     "symmetrised_covariance",
@@ -77,6 +78,32 @@ class _MeanFreeDensity(nn.Module):
     def subspace_dim(self) -> int:
         """Dimension ``(n - 1) * d`` of the mean-free subspace."""
         return (self.n_particles - 1) * self.dim
+
+
+class PriorBackedFlow(nn.Module):
+    """A flow whose particles, dimension, device and dtype are those of its base density ``self.prior``."""
+
+    prior: _MeanFreeDensity
+
+    @property
+    def n_particles(self) -> int:
+        """Number of particles."""
+        return self.prior.n_particles
+
+    @property
+    def dim(self) -> int:
+        """Spatial dimension."""
+        return self.prior.dim
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the flow's tensors."""
+        return self.prior.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point dtype of the flow's tensors."""
+        return self.prior.dtype
 
 
 class MeanFreeGaussian(_MeanFreeDensity):

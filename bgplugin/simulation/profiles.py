@@ -70,8 +70,26 @@ def energy_unit_scale(temperature: float, units: str) -> float:
     return scale[units]
 
 
+class FreeEnergyUnits:
+    """``kt`` and ``in_units`` of a free-energy table with ``f``, ``df`` (kT) and ``temperature`` (K)."""
+
+    f: np.ndarray
+    df: np.ndarray
+    temperature: float
+
+    @property
+    def kt(self) -> float:
+        """kT in kJ/mol at the table's temperature."""
+        return kt_kj_per_mol(self.temperature)
+
+    def in_units(self, units: Literal["kT", "kJ/mol", "kcal/mol"]) -> tuple[np.ndarray, np.ndarray]:
+        """``(f, df)`` in ``units``."""
+        scale = energy_unit_scale(self.temperature, units)
+        return self.f * scale, self.df * scale
+
+
 @dataclass(frozen=True)
-class FreeEnergyProfile:
+class FreeEnergyProfile(FreeEnergyUnits):
     r"""A 1D free-energy profile on equal-width bins.
 
     Attributes
@@ -125,16 +143,6 @@ class FreeEnergyProfile:
     def bin_centers(self) -> np.ndarray:
         """Bin centres, shape (n_bins,), in ``cv_units``."""
         return 0.5 * (self.bin_edges[1:] + self.bin_edges[:-1])
-
-    @property
-    def kt(self) -> float:
-        """kT in kJ/mol at the profile's temperature."""
-        return kt_kj_per_mol(self.temperature)
-
-    def in_units(self, units: Literal["kT", "kJ/mol", "kcal/mol"]) -> tuple[np.ndarray, np.ndarray]:
-        """``(f, df)`` in ``units``."""
-        scale = energy_unit_scale(self.temperature, units)
-        return self.f * scale, self.df * scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable content (``inf`` written as null)."""

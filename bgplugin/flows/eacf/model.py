@@ -75,7 +75,7 @@ from bgplugin.flows.eacf.projections import (
     project_transform,
 )
 from bgplugin.flows.field import as_atom_types
-from bgplugin.flows.prior import CorrelatedMeanFreeGaussian, MeanFreeGaussian, make_prior
+from bgplugin.flows.prior import CorrelatedMeanFreeGaussian, MeanFreeGaussian, PriorBackedFlow, make_prior
 
 __all__ = ["EACF", "SAVE_FORMAT", "SAVE_VERSION", "build_eacf", "load_eacf"]
 
@@ -162,7 +162,7 @@ class _Block(nn.Module):
         self.a_update = a_update
 
 
-class EACF(nn.Module):
+class EACF(PriorBackedFlow):
     r"""Equivariant augmented coupling flow with the interface of :class:`~bgplugin.flows.CNF`.
 
     Parameters
@@ -314,26 +314,6 @@ class EACF(nn.Module):
         self.to(resolve_device(device))
 
     # -- properties and configuration ---------------------------------------------------------
-    @property
-    def n_particles(self) -> int:
-        """Number of particles."""
-        return self.prior.n_particles
-
-    @property
-    def dim(self) -> int:
-        """Spatial dimension."""
-        return self.prior.dim
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the flow's tensors."""
-        return self.prior.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating-point dtype of the flow's tensors."""
-        return self.prior.dtype
-
     @property
     def reflection_equivariant(self) -> bool:
         """Whether the flow is also equivariant under reflections (only Vector-proj is)."""
