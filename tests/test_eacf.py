@@ -10,6 +10,7 @@ Jacobian is the log-determinant with respect to the measure the densities use.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -713,7 +714,7 @@ def test_fab_ais_targets_p_squared_over_q() -> None:
 
 
 def test_bench_eacf_runs_and_reports(tmp_path) -> None:
-    from bgplugin.benchmarks.eacf import bench_eacf, format_eacf
+    from bgplugin.benchmarks.eacf import add_arguments, bench_eacf, format_eacf
 
     load_benchmark("dw4", "test")  # skips without the data
     result = bench_eacf(
@@ -753,21 +754,30 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert again["nll"] == pytest.approx(result["nll"], abs=0.5)  # same weights; the marginal estimate is random
     with pytest.raises(ValueError, match="different training settings"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})
-    # a run written before n_transforms was a setting used 1 transform: it resumes with 1 and refuses 2
+    parser = argparse.ArgumentParser()  # the command line reaches the same settings
+    add_arguments(parser)
+    args = parser.parse_args(["--transforms", "3", "--aug-scale", "0.25", "--ema-decay", "none"])
+    assert (args.transforms, args.aug_scale, args.ema_decay) == (3, 0.25, None)
+    assert parser.parse_args([]).aug_scale == 0.1
+    # a run written before n_transforms and aug_scale were settings used 1 transform and eta = 0.1: it resumes
+    # with those and refuses others
     settings_file = tmp_path / "run" / "bench_settings.json"
     saved = json.loads(settings_file.read_text())
-    assert saved["flow"].pop("n_transforms") == 1
+    assert saved["flow"].pop("n_transforms") == 1 and saved["flow"].pop("aug_scale") == 0.1
     settings_file.write_text(json.dumps(saved))
     assert bench_eacf("dw4", tmp_path / "run", **options)["training"]["resumed"] is True
     with pytest.raises(ValueError, match="n_transforms"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "n_transforms": 2})
+    with pytest.raises(ValueError, match="aug_scale"):
+        bench_eacf("dw4", tmp_path / "run", **{**options, "aug_scale": 0.25})
     with pytest.raises(ValueError, match="ema_decay"):
         bench_eacf("dw4", tmp_path / "other", **{**options, "ema_decay": 1.5})
-    fresh = bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3, "ema_decay": 0.9, "prior_std": 1.5},
-                       resume=False)  # fmt: skip
+    fresh = bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3, "ema_decay": 0.9, "prior_std": 1.5,
+                                                   "aug_scale": 0.25}, resume=False)  # fmt: skip
     assert fresh["training"]["resumed"] is False and fresh["training"]["ema_decay"] == 0.9
     assert fresh["settings"]["flow"]["prior_std"] == 1.5 and result["settings"]["flow"]["prior_std"] == 1.0
-    assert load_flow(tmp_path / "run" / "flow.pt").prior.std == 1.5
+    saved_flow = load_flow(tmp_path / "run" / "flow.pt")
+    assert saved_flow.prior.std == 1.5 and saved_flow.aug_scale == saved_flow.base_aug_scale == 0.25
 
 
 def test_bench_eacf_fab_fills_its_replay_buffer_inside_the_timed_training(tmp_path, monkeypatch) -> None:

@@ -222,6 +222,7 @@ def bench_eacf(
     n_layers: int | None = None,
     n_transforms: int = 1,
     n_aug: int = 1,
+    aug_scale: float = 0.1,
     prior_std: float | None = None,
     compiled: bool = True,
     batch_size: int | None = None,
@@ -239,7 +240,7 @@ def bench_eacf(
     progress: bool = True,
     data_directory: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate an E-ACF on DW4 or LJ13 and time it against the CNF.
+    r"""Train and evaluate an E-ACF on DW4 or LJ13 and time it against the CNF.
 
     Parameters
     ----------
@@ -263,6 +264,9 @@ def bench_eacf(
     projection, n_blocks, hidden, n_layers, n_transforms, n_aug
         Flow hyperparameters (defaults per system: 4 blocks, width 32, 1 EGNN layer; 1 transform per
         coupling layer, 1 augmented variable).
+    aug_scale : float
+        :math:`\eta` of the augmented target :math:`\pi(a|x) = N(x, \eta^2 I)` and of the base's
+        :math:`q_0(a|x)` (length units; 0.1).
     prior_std : float, optional
         Standard deviation of the mean-free Gaussian base of x (and the
         radius-spline range, ``2 * prior_std``); default per system (1.0).
@@ -326,6 +330,7 @@ def bench_eacf(
         "n_layers": defaults["n_layers"] if n_layers is None else n_layers,
         "n_transforms": n_transforms,
         "n_aug": n_aug,
+        "aug_scale": aug_scale,
         "prior_std": defaults["prior_std"] if prior_std is None else prior_std,
         "n_marginal": n_marginal,
         "compiled": compiled,
@@ -372,7 +377,8 @@ def bench_eacf(
                                  min_buffer=batch if warm_up else 20 * batch)  # fmt: skip
 
             saved, resumed = resolve_training_settings(
-                out, requested, resume, _TRAINING_KEYS, "bench_eacf", older_defaults={"flow": {"n_transforms": 1}}
+                out, requested, resume, _TRAINING_KEYS, "bench_eacf",
+                older_defaults={"flow": {"n_transforms": 1, "aug_scale": 0.1}},
             )
             settings = dict(saved) if saved is not None else dict(requested)
             compile_seconds = 0.0
@@ -563,6 +569,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reference vectors and spline parameters from the layer's one EGNN (1; the reference "
                              "implementation's LJ13 setting is 3)")
     parser.add_argument("--n-aug", type=int, default=1, help="augmented variables (1)")
+    parser.add_argument("--aug-scale", type=float, default=0.1,
+                        help="eta of the augmented target N(x, eta^2) and of the base's a|x (0.1)")
     parser.add_argument("--prior-std", type=float,
                         help="standard deviation of the Gaussian base of x (system default)")
     parser.add_argument("--no-compile", action="store_true",
@@ -611,6 +619,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         n_layers=args.layers,
         n_transforms=args.transforms,
         n_aug=args.n_aug,
+        aug_scale=args.aug_scale,
         prior_std=args.prior_std,
         compiled=not args.no_compile,
         batch_size=args.batch_size,
