@@ -63,6 +63,13 @@ def collect_info(evaluate: bool = True) -> dict[str, Any]:
             in_process = {"n_workers": 0}
             engines = [("openmm", in_process), ("xtb", in_process)] if system.is_molecule else [("torch", {})]
             for engine, kwargs in engines:
+                if engine == "xtb":  # the first installed backend; none installed is reported, not an error
+                    installed = [backend for backend, version in info["xtb_backends"].items() if version]
+                    if not installed:
+                        entry["u_xtb_kT"] = None
+                        entry["u_xtb_missing"] = "no xTB backend installed (pip install xtb, or tblite)"
+                        continue
+                    kwargs = {**kwargs, "backend": installed[0]}
                 start = time.perf_counter()
                 if engine == "torch":
                     u = system.energy()(x)
@@ -93,11 +100,14 @@ def format_info(info: dict[str, Any]) -> str:
         for key, value in s.items():
             if key.startswith("u_") and key.endswith("_kT"):
                 engine = key[2:-3]
+                if value is None:
+                    lines.append(f"      u[{engine}] not evaluated: {s.get(f'u_{engine}_missing', 'no engine')}")
+                    continue
                 lines.append(f"      u[{engine}] = {value:.4f} kT  ({s[f'u_{engine}_ms']:.1f} ms)")
     return "\n".join(lines)
 
 
 def finite_energies(info: dict[str, Any]) -> bool:
     """True when every evaluated energy in ``info`` is finite."""
-    values = [v for s in info["systems"].values() for k, v in s.items() if k.endswith("_kT")]
+    values = [v for s in info["systems"].values() for k, v in s.items() if k.endswith("_kT") and v is not None]
     return bool(values) and bool(np.isfinite(values).all())

@@ -113,7 +113,7 @@ def assert_equivariant(
         Tolerance ``atol + rtol * max|expected|``; defaults depend on the
         dtype of ``x`` (float64: 1e-9, 1e-7; float32: 1e-4, 1e-4).
     generator : torch.Generator, optional
-        Source of the random group elements.
+        Source of the random group elements (drawn on the CPU, applied on the device of ``x``).
 
     Raises
     ------
@@ -167,6 +167,8 @@ def assert_equivariant(
     if len(reference) != len(kinds):
         raise ValueError(f"fn returned {len(reference)} outputs but outputs lists {len(kinds)} kinds")
     for name, rot, move, order in checks:
+        # the transformations are drawn on the CPU; apply them where x lives (a model on the GPU is checked there)
+        rot, move, order = rot.to(x.device), move.to(x.device), order.to(x.device)
         moved = ((x @ rot.T.to(x.dtype)) + move.to(x.dtype))[:, order]
         transformed = _as_tuple(fn(moved))
         for index, (kind, y, y_moved) in enumerate(zip(kinds, reference, transformed, strict=True)):

@@ -28,6 +28,25 @@ def test_info_reports_every_system_with_a_live_energy(tmp_path) -> None:
     assert info["xtb_backends"]["xtb"] and info["xtb_backends"]["tblite"]
 
 
+def test_info_without_an_xtb_backend_reports_it_instead_of_failing(monkeypatch) -> None:
+    """Seen on a machine without xtb-python and tblite: `bgplugin info` stopped with an ImportError."""
+    from bgplugin import info as info_module
+    from bgplugin.energies import XTBEnergy
+
+    missing = {"xtb": None, "tblite": None}
+    monkeypatch.setattr(info_module, "available_backends", lambda: missing)
+    monkeypatch.setattr(info_module, "list_systems", lambda: ["alanine_dipeptide_vacuum", "dw4"])
+    info = info_module.collect_info(evaluate=True)
+    ala = info["systems"]["alanine_dipeptide_vacuum"]
+    assert np.isfinite(ala["u_openmm_kT"]) and ala["u_xtb_kT"] is None and "pip install xtb" in ala["u_xtb_missing"]
+    assert np.isfinite(info["systems"]["dw4"]["u_torch_kT"])
+    assert "u[xtb] not evaluated: no xTB backend installed" in info_module.format_info(info)
+    assert info_module.finite_energies(info)
+    monkeypatch.setattr("bgplugin.energies.xtb_energy.available_backends", lambda: missing)
+    with pytest.raises(ImportError, match="pip install tblite .no other xTB backend is installed either"):
+        XTBEnergy([1, 1], backend="tblite")
+
+
 def test_bench_energies_small(tmp_path) -> None:
     result = bench_energies(n_frames=40, n_xtb_frames=4, workers=(1,), repeats=1, backends=("tblite",))
     for key in ("openmm", "xtb_tblite"):

@@ -485,7 +485,7 @@ def test_compiled_flow_equals_the_eager_flow_in_training_and_sampling(tmp_path) 
                 rtol=0, atol=1e-10,
             )  # fmt: skip
     coupling = fast.blocks[0].x_update
-    assert all(coupling not in call.failed for call in compiled_module._COUPLING.values())  # it really compiled
+    reasons = [call.reasons.get(coupling, "") for call in compiled_module._COUPLING.values()]
     fast.save(tmp_path / "flow.pt")
     assert load_flow(tmp_path / "flow.pt", device="cpu").compiled
     eager_again = load_flow(tmp_path / "flow.pt", device="cpu", compiled=False)  # the saved option overridden
@@ -498,6 +498,9 @@ def test_compiled_flow_equals_the_eager_flow_in_training_and_sampling(tmp_path) 
         flow.with_options(n_blocks=3)
     with pytest.raises(ValueError, match="compiled must be True or False"):
         flow.with_options(compiled="yes")
+    if any("differ from the eager path" in reason for reason in reasons):  # torch 2.11 did this; 2.13 does not
+        pytest.skip(f"torch {torch.__version__} compiles the coupling layer wrongly, so it ran eagerly: {reasons}")
+    assert all(coupling not in call.failed for call in compiled_module._COUPLING.values()), reasons  # it compiled
 
 
 def test_compile_failure_falls_back_to_the_eager_coupling_with_one_warning(monkeypatch, caplog) -> None:
@@ -517,6 +520,40 @@ def test_compile_failure_falls_back_to_the_eager_coupling_with_one_warning(monke
             torch.testing.assert_close(fast.log_prob_joint(x, a), flow.log_prob_joint(x, a), rtol=0, atol=0)
     warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(warnings) == 1 and "RuntimeError: no C++ compiler found" in warnings[0].getMessage()
+
+
+def test_compiled_coupling_with_wrong_gradients_falls_back_to_the_eager_path(monkeypatch, caplog) -> None:
+    """A compiled call with the right values but wrong gradients (what torch 2.11 compiled) is caught and not used."""
+    import weakref
+
+    from bgplugin.flows import compiled as compiled_module
+
+    for call in compiled_module._COUPLING.values():
+
+        def wrong_gradients(module, *tensors, function=call.function):
+            return tuple(out.detach() + 1.5 * (out - out.detach()) for out in function(module, *tensors))
+
+        monkeypatch.setattr(call, "compiled", wrong_gradients)
+        monkeypatch.setattr(call, "warned", False)
+        monkeypatch.setattr(call, "checked", {False: weakref.WeakSet(), True: weakref.WeakSet()})
+        monkeypatch.setattr(call, "failed", weakref.WeakSet())
+    flow = _flow("vector", 2, n_blocks=2, hidden=8)
+    fast = flow.with_options(compiled=True)
+    x, a = _joint_sample(flow, 4)
+    parameters = list(flow.parameters())
+    expected = torch.autograd.grad(-flow.log_prob_joint(x, a).mean(), parameters)
+    with caplog.at_level("WARNING", logger="bgplugin.flows.compiled"):
+        with torch.no_grad():  # the values agree: the compiled call passes the check without autograd
+            torch.testing.assert_close(fast.log_prob_joint(x, a), flow.log_prob_joint(x, a), rtol=0, atol=0)
+        assert not any(call.failed for call in compiled_module._COUPLING.values())
+        for _ in range(2):
+            got = torch.autograd.grad(-fast.log_prob_joint(x, a).mean(), parameters)
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)  # the eager path, up to round-off
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "gradients differ by 5.0e-01 relative" in warnings[0], warnings
+    layers = [layer for block in flow.blocks for layer in (block.x_update, block.a_update)]
+    assert all(any(layer in call.failed for call in compiled_module._COUPLING.values()) for layer in layers)
 
 
 def test_gradients_reach_every_parameter() -> None:
@@ -560,10 +597,12 @@ def test_short_ml_training_on_dw4_lowers_nll() -> None:
             return float(-flow.log_prob(test, n_marginal=8, generator=torch.Generator().manual_seed(0)).mean())
 
     before = nll()
-    history = train_eacf(flow, objective, data=data, steps=80, lr=3e-3, batch_size=64, seed=0, progress=False)
+    history = train_eacf(flow, objective, data=data, steps=120, lr=2e-3, batch_size=128, seed=0, progress=False)
     after = nll()
-    assert len(history) == 80 and all(math.isfinite(row["loss"]) for row in history)
-    assert after < before - 2.0, (before, after)  # measured: 18.7 -> 14.2 nats after 100 steps
+    assert len(history) == 120 and all(math.isfinite(row["loss"]) for row in history)
+    # measured 18.72 -> 13.58 (torch 2.13) and 13.55 (torch 2.11). The earlier 80 steps at lr 3e-3, batch 64 gave
+    # 15.96 with torch 2.13 but 17.77 with torch 2.11 (the same first steps, then a rougher path): too close to call.
+    assert after < before - 3.0, (before, after)
 
 
 def test_train_eacf_time_clock_spans_the_decay_over_the_budget() -> None:
@@ -759,6 +798,8 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     args = parser.parse_args(["--transforms", "3", "--aug-scale", "0.25", "--ema-decay", "none"])
     assert (args.transforms, args.aug_scale, args.ema_decay) == (3, 0.25, None)
     assert parser.parse_args([]).aug_scale == 0.1
+    assert parser.parse_args([]).device == "auto" and parser.parse_args(["--device", "cpu"]).device == "cpu"
+    assert result["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # "auto" picks the GPU if any
     # a run written before n_transforms and aug_scale were settings used 1 transform and eta = 0.1: it resumes
     # with those and refuses others
     settings_file = tmp_path / "run" / "bench_settings.json"

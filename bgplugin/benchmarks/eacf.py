@@ -66,6 +66,7 @@ from bgplugin.benchmarks.particles import (
 from bgplugin.fileio import write_json
 from bgplugin.flows import CNF, build_flow, load_flow
 from bgplugin.flows.bench import torch_threads
+from bgplugin.flows.cnf import DeviceSpec, resolve_device
 from bgplugin.flows.eacf import EACF
 from bgplugin.flows.eacf.training import FABAlpha2, JointMaximumLikelihood, JointReverseKL
 from bgplugin.systems import System, get_system
@@ -102,12 +103,19 @@ def _energies(system: System, x: torch.Tensor) -> torch.Tensor:
     return system.energy().evaluate(x.detach().to("cpu", torch.float64), need_forces=False).u
 
 
-def _timed(fn: Any, repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls (seconds)."""
+def _timed(fn: Any, repeats: int = 3, device: torch.device | None = None) -> float:
+    """Best wall time of ``repeats`` calls (seconds); on a GPU each call ends when its kernels have finished."""
+
+    def synchronise() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     best = math.inf
     for _ in range(repeats):
+        synchronise()
         start = time.perf_counter()
         fn()
+        synchronise()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -121,10 +129,10 @@ def _speed(flow: EACF, cnf: CNF, n_eacf: int, n_cnf: int, n_marginal: int) -> di
     n_marginal_samples = max(16, min(n_eacf, n_eacf * 20 // n_marginal))
     with torch.no_grad():
         flow.sample_joint(16)  # warm-up
-        joint = _timed(lambda: flow.sample_joint(n_eacf))
-        marginal = _timed(lambda: flow.sample(n_marginal_samples, n_marginal=n_marginal))
+        joint = _timed(lambda: flow.sample_joint(n_eacf), device=flow.device)
+        marginal = _timed(lambda: flow.sample(n_marginal_samples, n_marginal=n_marginal), device=flow.device)
         cnf.sample(4)
-        cnf_seconds = _timed(lambda: cnf.sample(n_cnf), repeats=1)
+        cnf_seconds = _timed(lambda: cnf.sample(n_cnf), repeats=1, device=cnf.device)
     rates = {
         "eacf_joint_samples_per_s": n_eacf / joint,
         "eacf_marginal_samples_per_s": n_marginal_samples / marginal,
@@ -140,8 +148,9 @@ def _speed(flow: EACF, cnf: CNF, n_eacf: int, n_cnf: int, n_marginal: int) -> di
         "n_marginal": n_marginal,
         "cnf": f"{cnf.field.kind}, {cnf.solver}-{cnf.steps}, divergence {cnf.divergence}",
         "threads": torch.get_num_threads(),
+        "device": str(flow.device),
         "method": "best of 3 calls of sample_joint(n_eacf) / sample(n_eacf_marginal, n_marginal=M) for E-ACF, one "
-        "call of CNF.sample(n); no autograd; float32 on the CPU",
+        f"call of CNF.sample(n); no autograd; float32 on {flow.device} (both flows)",
     }
 
 
@@ -166,7 +175,8 @@ def _nll_by_draws(log_ratios: torch.Tensor, constant: float) -> dict[str, dict[s
 def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
               seed: int) -> dict[str, Any]:  # fmt: skip
     constant = prior_constant(system.n_particles, system.dim)
-    generator = torch.Generator().manual_seed(seed)
+    x_test = x_test.to(flow.device)
+    generator = torch.Generator(flow.device).manual_seed(seed)
     out: dict[str, Any] = {"prior_constant": constant}
     with torch.no_grad():
         draws = flow.sample_aug(x_test, n_marginal, generator=generator)
@@ -183,22 +193,22 @@ def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, 
         joint_nll = -(log_q_joint - flow.log_prob_aug(a_test, x_test).double())
         out["joint_nll_with_prior_constant"] = float(joint_nll[torch.isfinite(joint_nll)].mean())
         u_test = _energies(system, x_test)
-        lw_test = -u_test - log_q_test
+        lw_test = -u_test - log_q_test.cpu()
         out["forward_ess"] = forward_ess(lw_test[torch.isfinite(lw_test)])
         out["failed_test_frames"] = int((~torch.isfinite(lw_test)).sum())
 
         x, a, log_q_joint_samples = flow.sample_joint(n_samples, generator=generator)
         log_q_samples = flow.marginal_log_prob(x, flow.sample_aug(x, n_marginal, generator=generator), progress=True)
         u = _energies(system, x)
-        lw = -u - log_q_samples.double()
-        lw_joint = -u + flow.log_prob_aug(a, x).double() - log_q_joint_samples.double()
+        lw = -u - log_q_samples.double().cpu()
+        lw_joint = -u + (flow.log_prob_aug(a, x).double() - log_q_joint_samples.double()).cpu()
         ok_w, ok_joint = torch.isfinite(lw), torch.isfinite(lw_joint)
         out["ess"] = kish_ess(lw[ok_w], n_total=n_samples)
         out["ess_joint"] = kish_ess(lw_joint[ok_joint], n_total=n_samples)
         out["failed_frames"] = int((~ok_w).sum())
         # Z from the joint weights (unbiased for any number of draws), log p - log q_M on the test frames
         lw_joint_or_zero = torch.where(ok_joint, lw_joint, torch.full_like(lw_joint, -math.inf))
-        out["target_density"] = target_density(lw_joint_or_zero, u_test, log_q_test, constant)
+        out["target_density"] = target_density(lw_joint_or_zero, u_test, log_q_test.cpu(), constant)
         out["mean_energy_flow"] = float(u[torch.isfinite(u)].mean())
         out["mean_energy_test"] = float(u_test[torch.isfinite(u_test)].mean())
         # float32 round trip of the flow on its own samples
@@ -225,6 +235,7 @@ def bench_eacf(
     aug_scale: float = 0.1,
     prior_std: float | None = None,
     compiled: bool = True,
+    device: DeviceSpec = "auto",
     batch_size: int | None = None,
     lr: float = 1e-3,
     ema_decay: float | Literal["auto"] | None = "auto",
@@ -275,6 +286,10 @@ def bench_eacf(
         the CNF it is timed against then too). Compilation happens in an
         untimed warm-up before the training budget starts; its wall time is
         reported as ``compile_seconds``.
+    device : {"auto", "cpu", "cuda"} or torch.device
+        Where the E-ACF trains and is evaluated and where the CNF it is timed
+        against runs (``"auto"``: the GPU when there is one). Not a training
+        setting: a run started on one device resumes on another.
     batch_size, lr
         Per-step batch and peak learning rate (AdamW, linear warm-up, cosine
         decay, the paper's gradient guard: skip above 20x, clip above 5x the
@@ -360,7 +375,7 @@ def bench_eacf(
     with torch_threads(n_threads):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            flow = build_flow(sys_, kind="eacf", device="cpu", **hyper)
+            flow = build_flow(sys_, kind="eacf", device=resolve_device(device), **hyper)
             if not isinstance(flow, EACF):
                 raise TypeError(f"build_flow(kind='eacf') returned {type(flow).__name__}")
             energy = sys_.energy()
@@ -417,8 +432,8 @@ def bench_eacf(
                 eval_start = time.perf_counter()
                 metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed)
             eval_seconds = time.perf_counter() - eval_start
-            cnf = load_flow(cnf_model, device="cpu") if cnf_model is not None else build_flow(
-                sys_, "egnn", device="cpu", **defaults["cnf"])  # fmt: skip
+            cnf = load_flow(cnf_model, device=flow.device) if cnf_model is not None else build_flow(
+                sys_, "egnn", device=flow.device, **defaults["cnf"])  # fmt: skip
             if not isinstance(cnf, CNF):
                 raise ValueError(f"cnf_model {cnf_model!s} is not a CNF (got {type(cnf).__name__})")
             cnf = cnf.with_options(compiled=compiled)
@@ -434,6 +449,7 @@ def bench_eacf(
         "train_seconds": train_seconds,
         "compile_seconds": compile_seconds,
         "eval_seconds": eval_seconds,
+        "device": str(flow.device),
         "n_parameters": sum(p.numel() for p in flow.parameters()),
         "training": {
             "steps": summary.step,
@@ -525,7 +541,7 @@ def format_eacf(result: dict[str, Any]) -> str:
     lines = [
         f"{result['system'].upper()} E-ACF ({flow['projection']}, {flow['n_blocks']} blocks, width {flow['hidden']}, "
         f"{flow['n_layers']} EGNN layers, {flow['n_aug']} augmented), {result['n_parameters']} parameters, "
-        f"objective {result['objective']}",
+        f"objective {result['objective']}, on {result.get('device', 'cpu')}",
         f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (batch {s['batch_size']}, lr {s['lr']:g}; "
         f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped; "
         + (f"{t['rollbacks']} roll-back(s) after a run-away loss, lr x {t['lr_scale']:g}; "
@@ -575,6 +591,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="standard deviation of the Gaussian base of x (system default)")
     parser.add_argument("--no-compile", action="store_true",
                         help="train and sample eagerly (default: torch.compile the coupling layers and the CNF)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to train, evaluate and time (auto: the GPU when there is one)")
     parser.add_argument("--batch-size", type=int, help="batch per step (system default)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=_ema_argument, default="auto",
@@ -622,6 +640,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         aug_scale=args.aug_scale,
         prior_std=args.prior_std,
         compiled=not args.no_compile,
+        device=args.device,
         batch_size=args.batch_size,
         lr=args.lr,
         ema_decay=args.ema_decay,

@@ -228,7 +228,8 @@ class XTBEnergy(EngineEnergy):
         installed = available_backends()
         if installed[backend] is None:
             other = [b for b, v in installed.items() if v is not None]
-            raise ImportError(f"xTB backend {backend!r} is not installed; pip install {backend}, or use {other}")
+            instead = f"or use backend={other[0]!r}" if other else "no other xTB backend is installed either"
+            raise ImportError(f"xTB backend {backend!r} is not installed; pip install {backend} ({instead})")
         if method not in ("GFN2-xTB", "GFN1-xTB"):
             raise ValueError(f"method must be 'GFN2-xTB' or 'GFN1-xTB', got {method!r}")
         numbers = tuple(int(z) for z in np.asarray(numbers).ravel())
