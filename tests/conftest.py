@@ -30,6 +30,19 @@ def load_benchmark(name: str, split: str) -> np.ndarray:
     return x - x.mean(axis=1, keepdims=True)
 
 
+def randomise_parameters(module: torch.nn.Module, scale: float, seed: int = 0) -> None:
+    """Move every parameter off its initial value (a fresh E-ACF is the identity) by ``scale`` N(0, 1) noise.
+
+    The noise is drawn on the CPU from ``seed`` and moved to each parameter's device, so the same module gets the
+    same weights on every device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(scale * noise.to(parameter.device))
+
+
 @pytest.fixture(scope="session")
 def ala2():
     from bgplugin.systems import get_system

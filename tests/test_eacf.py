@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, randomise_parameters
 
 from bgplugin.flows import build_flow, load_flow, mean_free_basis
 from bgplugin.flows.eacf import (
@@ -47,20 +47,11 @@ DIMS = (2, 3)
 TYPES = (0, 0, 1, 0)
 
 
-def _randomise(flow: torch.nn.Module, scale: float = 0.15, seed: int = 0) -> None:
-    """Push every parameter away from the identity initialisation (a non-trivial flow)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(scale * noise)
-
-
 def _flow(projection: str, dim: int, *, n_aug: int = 1, types: tuple[int, ...] = TYPES, **kwargs) -> EACF:
     torch.manual_seed(0)
     options = {"n_blocks": 2, "hidden": 16, "n_layers": 1, "n_bins": 4, "device": "cpu", **kwargs}
     flow = EACF(list(types), dim, projection=projection, n_aug=n_aug, **options).double()
-    _randomise(flow)
+    randomise_parameters(flow, 0.15)
     return flow
 
 
@@ -341,7 +332,7 @@ def test_joint_density_is_normalised(kind: str, dim: int, n_particles: int, rand
     torch.manual_seed(0)
     flow = EACF([0] * n_particles, dim, projection=kind, n_blocks=2, hidden=16, n_layers=1, n_bins=4,  # type: ignore[arg-type]
                 device="cpu").double()  # fmt: skip
-    _randomise(flow, randomise)
+    randomise_parameters(flow, randomise)
     generator = torch.Generator().manual_seed(7)
     k = (n_particles - 1) * dim
     with torch.no_grad():
@@ -386,7 +377,7 @@ def test_marginal_estimate_converges_to_exact_density() -> None:
     """With identity x-updates, q(x) is the base density exactly; log q_M -> it as M grows (about 1/sqrt(M))."""
     torch.manual_seed(0)
     flow = EACF(list(TYPES), 3, n_blocks=2, hidden=16, n_layers=1, n_bins=4, device="cpu").double()
-    _randomise(flow, 0.03)
+    randomise_parameters(flow, 0.03)
     with torch.no_grad():
         for block in flow.blocks:
             for parameter in block.x_update.parameters():
@@ -404,7 +395,7 @@ def test_marginal_estimate_converges_to_exact_density() -> None:
 
 def test_augmented_log_ratios_are_the_terms_of_the_marginal_estimate() -> None:
     flow = EACF(list(TYPES), 3, n_blocks=1, hidden=8, n_layers=1, n_bins=4, device="cpu").double()
-    _randomise(flow, 0.1)
+    randomise_parameters(flow, 0.1)
     generator = torch.Generator().manual_seed(3)
     x = flow.prior.sample(5, generator=generator)
     draws = flow.sample_aug(x, 7, generator=generator)
@@ -425,7 +416,7 @@ def test_interface_and_save_load(tmp_path) -> None:
     flow = build_flow(system, kind="eacf", n_blocks=2, hidden=8, n_layers=1, device="cpu")
     assert isinstance(flow, EACF)
     assert (flow.n_particles, flow.dim, flow.device.type) == (4, 2, "cpu")
-    _randomise(flow, 0.1)
+    randomise_parameters(flow, 0.1)
     x, log_q = flow.sample(16, generator=torch.Generator().manual_seed(0))
     assert x.shape == (16, 4, 2) and log_q.shape == (16,)
     torch.testing.assert_close(x.mean(1), torch.zeros(16, 2), atol=1e-5, rtol=0)
@@ -668,7 +659,7 @@ def test_joint_ml_kl_mixes_the_two_joint_objectives() -> None:
     energy = system.energy()
     torch.manual_seed(0)
     flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
-    _randomise(flow)
+    randomise_parameters(flow, 0.15)
     data = torch.as_tensor(load_benchmark("dw4", "train")[:32], dtype=torch.float32)
     ml, kl = JointMaximumLikelihood(flow), JointReverseKL(flow, energy, 16, energy_cutoff=50.0)
     mixed = JointMLKL(flow, energy, 16, LambdaSchedule(0.0, 0.3, ramp_start=10, ramp_steps=10), energy_cutoff=50.0)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, randomise_parameters
 
 from bgplugin.flows import CNF, build_flow, load_flow
 from bgplugin.flows.eacf import EACF
@@ -28,15 +28,6 @@ from bgplugin.training import FlowMatching, Trainer, TrainerConfig, TrainingData
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-
-
-def _randomise(flow: torch.nn.Module, scale: float, seed: int = 0) -> None:
-    """Move every parameter off its initial value (a fresh E-ACF is the identity), the same on every device."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-                           .to(parameter.device))  # fmt: skip
 
 
 def _on(flow: torch.nn.Module, device: torch.device, tmp_path, name: str) -> torch.nn.Module:
@@ -72,7 +63,7 @@ def test_cnf_densities_on_the_gpu_equal_the_cpu(kind: str, tmp_path) -> None:
     torch.manual_seed(0)
     options = {"hidden": 16, "n_layers": 2} if kind == "egnn" else {}
     cpu = build_flow(system, kind, device="cpu", **options).double()
-    _randomise(cpu, 0.05)
+    randomise_parameters(cpu, 0.05)
     gpu = _on(cpu, CUDA, tmp_path, kind)
     assert isinstance(gpu, CNF) and gpu.device.type == "cuda" and gpu.dtype == torch.float64
     x = torch.as_tensor(load_benchmark("dw4", "test")[:32])
@@ -95,7 +86,7 @@ def test_eacf_densities_on_the_gpu_equal_the_cpu_and_it_is_equivariant_there(tmp
     system = get_system("lj13")
     torch.manual_seed(0)
     cpu = build_flow(system, kind="eacf", n_blocks=2, hidden=16, n_layers=1, n_transforms=2, device="cpu").double()
-    _randomise(cpu, 0.05)
+    randomise_parameters(cpu, 0.05)
     gpu = _on(cpu, CUDA, tmp_path, "eacf")
     assert isinstance(gpu, EACF) and gpu.device.type == "cuda"
     x, a, log_q = gpu.sample_joint(24, generator=torch.Generator(CUDA).manual_seed(0))
@@ -124,7 +115,7 @@ def test_eacf_densities_on_the_gpu_equal_the_cpu_and_it_is_equivariant_there(tmp
 def test_compiled_eacf_on_the_gpu_equals_the_eager_flow() -> None:
     torch.manual_seed(0)
     flow = build_flow(get_system("dw4"), kind="eacf", n_blocks=2, hidden=16, n_layers=1, device=CUDA)
-    _randomise(flow, 0.05)
+    randomise_parameters(flow, 0.05)
     fast = flow.with_options(compiled=True)
     assert fast.compiled and not flow.compiled
     x, a, log_q = flow.sample_joint(32, generator=torch.Generator(CUDA).manual_seed(0))
@@ -194,7 +185,7 @@ def test_reweighting_and_metropolis_with_a_gpu_flow() -> None:
     energy = system.energy()
     torch.manual_seed(0)
     flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device=CUDA, prior_std=1.5)
-    _randomise(flow, 0.02)
+    randomise_parameters(flow, 0.02)
     result = reweight(flow, energy, 256, batch_size=128, seed=1, sample_kwargs={"density": "joint"}, progress=False)
     assert np.isfinite(result.log_w).sum() >= 250 and result.positions.shape == (256, 4, 2)
     cnf = build_flow(system, "egnn", hidden=8, n_layers=1, device=CUDA)
