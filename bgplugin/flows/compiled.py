@@ -161,10 +161,8 @@ class _CompiledCall:
         """
         assert self.compiled is not None
         grad_mode = torch.is_grad_enabled()
-        copies = []
-        for _ in range(2):
-            copy = tuple(t.detach().clone().requires_grad_(t.requires_grad and grad_mode) for t in tensors)
-            copies.append(copy)
+        copies = [tuple(t.detach().clone().requires_grad_(t.requires_grad and grad_mode) for t in tensors)
+                  for _ in range(2)]  # fmt: skip
         for t in copies[1]:
             torch._dynamo.mark_dynamic(t, 0)
         eager = _as_tuple(self.function(module, *copies[0]))
@@ -186,12 +184,10 @@ class _CompiledCall:
                 for eager_grad, fast_grad in zip(*grads, strict=True):
                     if eager_grad is None and fast_grad is None:
                         continue
-                    if eager_grad is None or fast_grad is None:  # an input one path reaches and the other does not
-                        present = fast_grad if eager_grad is None else eager_grad
-                        eager_grad = present if eager_grad is not None else torch.zeros_like(present)
-                        fast_grad = present if fast_grad is not None else torch.zeros_like(present)
-                    flat[0].append(eager_grad.reshape(-1))
-                    flat[1].append(fast_grad.reshape(-1))
+                    # an input that one path reaches and the other does not has a zero gradient on the other
+                    like = eager_grad if eager_grad is not None else fast_grad
+                    flat[0].append((torch.zeros_like(like) if eager_grad is None else eager_grad).reshape(-1))
+                    flat[1].append((torch.zeros_like(like) if fast_grad is None else fast_grad).reshape(-1))
                 if flat[0]:
                     excess = _excess(torch.cat(flat[1]), torch.cat(flat[0]), "gradients")
                     if excess[0] > worst[0]:
