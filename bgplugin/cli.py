@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a YAML protocol (default: the bundled quickstart) in a resumable run directory"
     )
     run.add_argument("protocol", nargs="?", default="quickstart",
-                     help="protocol file, or the name of a bundled one (quickstart, ala2_classical, ala2_xtb, dw4, "
-                          "lj13); default: quickstart")  # fmt: skip
+                     help="protocol file, or the name of a bundled one (quickstart, ala2_classical, ala2_eacf, "
+                          "ala2_xtb, dw4, lj13); default: quickstart")  # fmt: skip
     run.add_argument("--out", help="run directory (default runs/<protocol name>); rerunning resumes there")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                      help="where the flow trains and samples (default: the protocol's device)")  # fmt: skip

@@ -165,3 +165,14 @@ def test_bench_particles_passes_the_model_size_to_the_cnf_benchmark(monkeypatch)
         main(["bench", "dw4", "--prior-std", "0"])  # argparse refuses it
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--hidden", "0"])  # argparse refuses it
+
+
+def test_run_help_names_every_bundled_protocol() -> None:
+    """The help listed five of the six bundled protocols (ala2_eacf was missing) until stop 25."""
+    from bgplugin.cli import build_parser
+    from bgplugin.protocols.config import bundled_protocols
+
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    help_text = " ".join(run_parser.format_help().split())
+    missing = [name for name in bundled_protocols() if name not in help_text]
+    assert not missing, f"`bgplugin run --help` does not name {missing}"
