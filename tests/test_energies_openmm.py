@@ -170,23 +170,25 @@ def test_worker_killed_mid_batch_from_outside(ala2) -> None:
     with OpenMMEnergy(ala2, platform="Reference", n_workers=2, chunk_size=500, timeout=120) as energy:
         energy.evaluate(torch.as_tensor(x[:2]))
         pool = energy.executor
-        victim = pool.pids[0]
-        killed = threading.Event()
+        killed, done = threading.Event(), threading.Event()
 
         def kill_when_busy() -> None:
-            # Kill only once the victim holds a task, however fast this machine is.
+            # Kill the first worker seen holding a task, however fast this machine is: on a loaded
+            # many-core machine one worker may still be starting while the other takes every chunk.
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if pool._workers[0].task is not None and pool._workers[0].process.pid == victim:
-                    os.kill(victim, signal.SIGKILL)
-                    killed.set()
-                    return
+            while time.monotonic() < deadline and not done.is_set():
+                for worker in list(pool._workers):
+                    if worker.task is not None:
+                        os.kill(worker.process.pid, signal.SIGKILL)
+                        killed.set()
+                        return
                 time.sleep(0.001)
 
         killer = threading.Thread(target=kill_when_busy)
         killer.start()
         start = time.monotonic()
         result = energy.evaluate(torch.as_tensor(x))
+        done.set()
         killer.join()
         assert killed.is_set()
         assert time.monotonic() - start < 120
