@@ -64,6 +64,13 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
             },
             "train.model.n_blocks must be an integer >= 1, got 0",
         ),
+        (
+            {
+                "train": {"model": {"kind": "eacf", "n_transforms": 0}, "objective": "nll"},
+                "reweight": {"chirality": "filter"},
+            },
+            "train.model.n_transforms must be an integer >= 1, got 0",
+        ),
         ({"sample": {"density": "exact"}}, "sample.density must be one of"),
         ({"train": {"schedule_clock": "wall"}}, "train.schedule_clock must be one of"),
         ({"train": {"grad_guard": "yes"}}, "train.grad_guard"),
@@ -229,7 +236,7 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     data["train"].update(objective="nll", ema_decay=None, schedule_clock="time")
     data["train"]["model"] = {"kind": "eacf", "hidden": 8, "n_layers": 1, "n_blocks": 1, "projection": "spherical",
                               "prior_std": 0.16, "aug_scale": 0.05, "n_bins": 4, "n_marginal": 4,
-                              "distinguishable": "all", "prior": "data"}  # fmt: skip
+                              "distinguishable": "all", "prior": "data", "n_transforms": 2}  # fmt: skip
     data["reweight"].update(chirality="filter")
     out = tmp_path / "run"
     results = run_protocol(data, out, device="cpu", progress=False)
@@ -241,7 +248,7 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     from bgplugin.flows.eacf import EACF
 
     flow = load_flow(out / "train" / "flow.pt", device="cpu")
-    assert isinstance(flow, EACF) and flow.n_blocks == 1 and flow.aug_scale == 0.05
+    assert isinstance(flow, EACF) and flow.n_blocks == 1 and flow.aug_scale == 0.05 and flow.n_transforms == 2
     # prior: data -> the correlated base fitted to the training frames (all of them: no max_frames here)
     from bgplugin.data import Dataset
     from bgplugin.flows import CorrelatedMeanFreeGaussian, fit_particle_covariance

@@ -144,7 +144,8 @@ class ModelConfig:
 
     ``kind: cnf`` uses ``field``, ``symmetry``, ``length_scale`` and
     ``solver_steps``; ``kind: eacf`` (an augmented coupling flow,
-    docs/eacf.md) uses ``projection``, ``n_blocks``, ``n_aug``,
+    docs/eacf.md) uses ``projection``, ``n_blocks``, ``n_transforms`` (projection
+    transforms in sequence inside each coupling layer), ``n_aug``,
     ``aug_scale``, ``n_bins`` and ``n_marginal``. ``hidden``, ``n_layers``,
     ``prior_std`` and ``distinguishable`` serve both.
 
@@ -178,6 +179,7 @@ class ModelConfig:
     distinguishable: Literal["all", "backbone", "none"] = "all"
     projection: Literal["spherical", "cartesian", "vector"] = "spherical"
     n_blocks: int = 4
+    n_transforms: int = 1
     n_aug: int = 1
     aug_scale: float = 0.1
     n_bins: int = 8
@@ -570,6 +572,7 @@ def _check_values(p: Protocol) -> None:
                     "(train.model.kind 'eacf') trains by maximum likelihood: set train.objective to 'nll'"
                 )
             checks += [("train.model.n_blocks", t.model.n_blocks, "int>=1"),
+                       ("train.model.n_transforms", t.model.n_transforms, "int>=1"),
                        ("train.model.n_aug", t.model.n_aug, "int>=1"),
                        ("train.model.aug_scale", t.model.aug_scale, ">0"),
                        ("train.model.n_bins", t.model.n_bins, "int>=1"),
