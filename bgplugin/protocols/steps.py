@@ -189,8 +189,8 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
             flow = build_flow(
                 system, kind="eacf", prior_std=model.prior_std, prior_covariance=prior_covariance, device=device,
                 hidden=model.hidden, n_layers=model.n_layers, projection=model.projection, n_blocks=model.n_blocks,
-                n_transforms=model.n_transforms, n_aug=model.n_aug, aug_scale=model.aug_scale, n_bins=model.n_bins, n_marginal=model.n_marginal,
-                compiled=model.compiled,
+                n_transforms=model.n_transforms, n_aug=model.n_aug, aug_scale=model.aug_scale, n_bins=model.n_bins,
+                n_marginal=model.n_marginal, compiled=model.compiled,
             )  # fmt: skip
         else:
             flow = build_flow(
