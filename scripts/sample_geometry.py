@@ -20,6 +20,7 @@ import yaml
 
 from bgplugin.data import Dataset
 from bgplugin.flows import load_flow
+from bgplugin.reweighting import ess
 from bgplugin.systems import get_system
 
 
@@ -69,9 +70,8 @@ def main() -> None:
         f"{(~finite).sum()} failed; data energy median {np.median(data_u):.4g} kT"
     )
 
-    log_w = reweighted["log_w"][np.isfinite(reweighted["log_w"])]
-    w = np.exp(log_w - log_w.max())
-    print(f"reverse ESS {w.sum() ** 2 / (w**2).sum():.2f} samples of {len(reweighted['log_w'])}")
+    n = len(reweighted["log_w"])
+    print(f"reverse ESS {ess(reweighted['log_w']) * n:.2f} samples of {n}")
 
     torch.manual_seed(0)
     flow = load_flow(run / "train" / "flow.pt", device="cpu")
