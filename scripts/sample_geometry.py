@@ -42,7 +42,7 @@ def main() -> None:
             raise SystemExit(f"{run / needed} is missing: give the folder of a finished protocol run")
     protocol = yaml.safe_load((run / "protocol.yaml").read_text())
     system = get_system(protocol["system"])
-    topology = system.trajectory(system.positions[None]).topology
+    topology = system.topology
     frames = Dataset.load(run / "simulate" / "data.h5").positions
     reweighted = np.load(run / "reweight" / "reweighted.npz")
 
