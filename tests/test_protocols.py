@@ -118,6 +118,19 @@ def test_steps_need_their_inputs() -> None:
         load_protocol(data)
 
 
+def test_short_budget_note_only_for_a_planned_run_that_ended_early() -> None:
+    from bgplugin.protocols.steps import short_budget_note
+
+    # the case measured at stop 29: 3209 planned steps took 1377 of 2400 s
+    note = short_budget_note(1377.0, 40.0, "max_steps", 3209, planned=True)
+    assert note is not None
+    assert "used 22.9 of its 40 minutes (57 %)" in note and "3209 steps" in note
+    assert f"about {int(3209 * 0.85 / (1377 / 2400))}" in note and "schedule_clock: time" in note
+    assert short_budget_note(2040.0, 40.0, "max_steps", 3209, planned=True) is None  # 85 %: the probe's margin
+    assert short_budget_note(1377.0, 40.0, "max_steps", 3209, planned=False) is None  # max_steps set by the user
+    assert short_budget_note(1377.0, 40.0, "max_minutes", 3209, planned=True) is None
+
+
 def test_run_directory_refuses_another_protocol(tmp_path: Path) -> None:
     quick = load_protocol("quickstart")
     RunDirectory(tmp_path, quick)

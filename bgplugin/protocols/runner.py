@@ -279,8 +279,12 @@ def _report_text(proto: Protocol, results: dict[str, Any], plots: dict[str, str]
     lines.append(f"| device | {results['device']} |")
     if "train" in steps:
         t = steps["train"]
-        lines.append(f"| training | {t.get('steps')} steps of {t.get('max_steps')}, {t.get('train_seconds', 0):.0f} s,"
-                     f" stopped by {t.get('stopped_by')} |")  # fmt: skip
+        used = t.get("budget_used")
+        lines.append(f"| training | {t.get('steps')} steps of {t.get('max_steps')}, {t.get('train_seconds', 0):.0f} s"
+                     + ("" if used is None else f" ({100 * used:.0f} % of the budget)")
+                     + f", stopped by {t.get('stopped_by')} |")  # fmt: skip
+        if t.get("budget_note"):
+            lines.append(f"| training budget | {t['budget_note']} |")
     if "reweight" in steps:
         r = steps["reweight"]
         for key in ("n_failed", "chirality"):

@@ -286,9 +286,15 @@ def _fit(
     with averaged:
         flow.eval()
         flow.save(folder / FLOW_FILE)
+    budget_note = short_budget_note(
+        summary.elapsed_seconds, train.minutes, summary.stopped_by, max_steps, planned=train.max_steps is None
+    )
+    if budget_note is not None:
+        logger.warning(budget_note)
     return {
         "steps": summary.step, "max_steps": max_steps, "stopped_by": summary.stopped_by,
         "final_loss": summary.final_loss, "train_seconds": summary.elapsed_seconds,
+        "budget_used": summary.elapsed_seconds / (60.0 * train.minutes), "budget_note": budget_note,
         "grad_guard": grad_guard, "schedule_clock": train.schedule_clock,
         "guard_skipped_steps": summary.guard_skipped_steps,
         "guard_clipped_steps": summary.guard_clipped_steps,
@@ -300,6 +306,31 @@ def _fit(
             "samples": train.kl_samples, "energy_cutoff": train.energy_cutoff,
         },
     }  # fmt: skip
+
+
+#: A planned run that trained less than this fraction of its minutes gets a note (the probe's own margin is 0.85).
+SHORT_BUDGET_FRACTION = 0.7
+
+
+def short_budget_note(
+    train_seconds: float, minutes: float, stopped_by: str, max_steps: int, *, planned: bool
+) -> str | None:
+    """Why a run whose step count came from the timing probe trained well short of its minutes, or None.
+
+    The probe times a few steps before training; when the machine is busier then (another job's simulation or
+    compilation) than during the run, it plans too few steps and the run ends early. Only a run stopped by a
+    planned ``max_steps`` (``planned``: not set in the protocol) that used less than
+    :data:`SHORT_BUDGET_FRACTION` of its budget gets the note, with the settings that avoid it.
+    """
+    used = train_seconds / (60.0 * minutes)
+    if not planned or stopped_by != "max_steps" or used >= SHORT_BUDGET_FRACTION:
+        return None
+    suggested = int(max_steps * 0.85 / max(used, 1e-6))
+    return (
+        f"training used {train_seconds / 60.0:.1f} of its {minutes:g} minutes ({100.0 * used:.0f} %): the timing "
+        f"probe planned {max_steps} steps, timed while the machine was busier than during training; set "
+        f"train.max_steps (about {suggested} fit this machine) or train.schedule_clock: time to use the budget"
+    )
 
 
 # ----------------------------------------------------------------------- sample
