@@ -578,6 +578,32 @@ def test_resume_keeps_the_gradient_guard_history(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+def test_checkpoints_are_also_written_by_wall_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: list[int] = []
+    original = Trainer.save_checkpoint
+
+    def counting(self: Trainer, path: Path) -> None:
+        saved.append(self.step)
+        original(self, path)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", counting)
+    # by steps only: one checkpoint, at the end
+    _fresh("nll-hutchinson", tmp_path / "steps", max_steps=8, checkpoint_every=10_000, checkpoint_minutes=None).fit()
+    assert saved == [8]
+    saved.clear()
+    # a budget shorter than one step: a checkpoint after every step, the same training as without them
+    timed = _fresh("nll-hutchinson", tmp_path / "time", max_steps=8, checkpoint_every=10_000, checkpoint_minutes=1e-9)
+    timed.fit()
+    assert saved == [1, 2, 3, 4, 5, 6, 7, 8, 8]
+    reference = _fresh("nll-hutchinson", None, max_steps=8, checkpoint_every=10_000, checkpoint_minutes=None)
+    reference.fit()
+    for a, b in zip(reference.model.parameters(), timed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="checkpoint_minutes must be a finite number > 0 or None"):
+            TrainerConfig(checkpoint_minutes=bad)
+
+
 class CliffLoss:
     """(w - 1)^2 below a cliff at w = 1.05, 1e6 - w above it (a sticky region nothing leads out of).
 

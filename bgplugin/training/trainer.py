@@ -266,6 +266,10 @@ class TrainerConfig:
         Batches prepared ahead per worker.
     checkpoint_every : int
         Steps between checkpoints (one is always written at the end).
+    checkpoint_minutes : float or None
+        Also write a checkpoint when this many minutes have passed since the
+        last one (10), so that a long run of slow steps loses at most this
+        much when it is killed without warning; None: by steps only.
     log_every : int
         Steps between flushes of ``loss.csv`` and progress-bar updates.
     out_dir : str, Path or None
@@ -311,6 +315,7 @@ class TrainerConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = 10.0
     log_every: int = 50
     out_dir: str | Path | None = None
     progress: bool = True
@@ -329,6 +334,10 @@ class TrainerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.checkpoint_minutes is not None and not (
+            isinstance(self.checkpoint_minutes, (int, float)) and 0 < self.checkpoint_minutes < math.inf
+        ):
+            raise ValueError(f"checkpoint_minutes must be a finite number > 0 or None, got {self.checkpoint_minutes!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -657,8 +666,10 @@ class Trainer:
             self._snapshot()
         stopped_by: StopReason = "max_steps" if end == self.config.max_steps else "stop_at"
         consistent = True
-        session_start = time.perf_counter()
+        session_start = last_checkpoint = time.perf_counter()
         elapsed_before = self.elapsed_seconds
+        every_minutes = self.config.checkpoint_minutes
+        checkpoint_seconds = math.inf if every_minutes is None else 60.0 * every_minutes
         by_time = self.config.schedule_clock == "time"
         # with the time clock the bar counts training seconds of the budget (the step count is open-ended)
         bar = tqdm(
@@ -753,10 +764,15 @@ class Trainer:
                         consecutive_bad = 0
                     elif self.runaway.streak == 0 and self.step % self.config.snapshot_every == 0:
                         self._snapshot()
-                checkpoint_due = checkpoint_due or self.step % self.config.checkpoint_every == 0
+                checkpoint_due = (
+                    checkpoint_due
+                    or self.step % self.config.checkpoint_every == 0
+                    or time.perf_counter() - last_checkpoint >= checkpoint_seconds
+                )
                 if checkpoint_due and (self.runaway is None or self.runaway.streak == 0):
                     self._save_outputs()  # not while the loss is high: a checkpoint must be worth resuming
                     checkpoint_due = False
+                    last_checkpoint = time.perf_counter()
         except KeyboardInterrupt:
             if consistent:
                 logger.warning("interrupted at step %d; writing a checkpoint before stopping", self.step)
