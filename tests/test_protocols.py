@@ -130,6 +130,15 @@ def test_short_budget_note_only_for_a_planned_run_that_ended_early() -> None:
     assert short_budget_note(1377.0, 40.0, "max_steps", 3209, planned=False) is None  # max_steps set by the user
     assert short_budget_note(1377.0, 40.0, "max_minutes", 3209, planned=True) is None
 
+    from bgplugin.protocols.runner import _report_text
+
+    train = {"steps": 3209, "max_steps": 3209, "train_seconds": 1377.0, "stopped_by": "max_steps",
+             "budget_used": 1377.0 / 2400.0, "budget_note": note}  # fmt: skip
+    results = {"steps": {"train": train}, "wall_seconds": {"train": 1400.0, "total": 1500.0}, "device": "cpu"}
+    report = _report_text(load_protocol("ala2_eacf"), results, {}, "")
+    assert "| training | 3209 steps of 3209, 1377 s (57 % of the budget), stopped by max_steps |" in report
+    assert f"| training budget | {note} |" in report
+
 
 def test_run_directory_refuses_another_protocol(tmp_path: Path) -> None:
     quick = load_protocol("quickstart")
