@@ -28,16 +28,12 @@ from bgplugin.flows import load_flow
 def log_q_estimate(flow, x: torch.Tensor, n_draws: int, scale: float, generator: torch.Generator) -> torch.Tensor:
     """log of the mean of q(x, a_m) / r(a_m | x) over a_m ~ r = N(x, (scale * eta)^2 I); shape (batch,)."""
     width = scale * flow.aug_scale
+    a = flow.sample_aug(x, n_draws, generator=generator)  # N(x, eta^2 I) draws, rescaled about x to width
+    a = x.unsqueeze(1) + scale * (a - x.unsqueeze(1))
     xs = x.unsqueeze(0).expand(n_draws, *x.shape)
-    a = xs.unsqueeze(2) + width * torch.randn(n_draws, x.shape[0], flow.n_aug, *x.shape[1:], generator=generator)
-    log_q_joint = torch.cat([
-        flow.log_prob_joint(xc, ac) for xc, ac in zip(xs.reshape(-1, *x.shape[1:]).split(4096),
-                                                     a.reshape(-1, *a.shape[2:]).split(4096))
-    ]).reshape(n_draws, -1)  # fmt: skip
-    log_r = -0.5 * (a - xs.unsqueeze(2)).square().sum((-3, -2, -1)) / width**2 - 0.5 * a[0, 0].numel() * (
-        math.log(2 * math.pi) + 2 * math.log(width)
-    )
-    return torch.logsumexp(log_q_joint - log_r, 0) - math.log(n_draws)
+    # flow.augmented_log_ratios gives log q(x, a) - log pi(a | x); swap pi for r
+    log_ratio = flow.augmented_log_ratios(x, a) + flow.log_prob_aug(a, xs) - flow._gaussian_aug_log_prob(a, xs, width)
+    return torch.logsumexp(log_ratio, 0) - math.log(n_draws)
 
 
 def frames(args: argparse.Namespace) -> tuple[Path, np.ndarray]:

@@ -258,7 +258,7 @@ def _fit(
                 return probe_max_steps(
                     flow, timed, training_data, minutes=train.minutes, batch_size=min(train.batch_size,
                     len(training_data)), lr=train.lr, seed=protocol.seed, probe_steps=8, probe_seconds=30.0,
-                    margin=0.85,
+                    margin=PROBE_MARGIN,
                 )  # fmt: skip
 
             max_steps = probe(objective)
@@ -308,7 +308,10 @@ def _fit(
     }  # fmt: skip
 
 
-#: A planned run that trained less than this fraction of its minutes gets a note (the probe's own margin is 0.85).
+#: The timing probe plans this fraction of the steps it measures fit in the minutes (the machine is often busier
+#: during the run than during the probe).
+PROBE_MARGIN = 0.85
+#: A planned run that trained less than this fraction of its minutes gets a note (below :data:`PROBE_MARGIN`).
 SHORT_BUDGET_FRACTION = 0.7
 
 
@@ -325,7 +328,7 @@ def short_budget_note(
     used = train_seconds / (60.0 * minutes)
     if not planned or stopped_by != "max_steps" or used >= SHORT_BUDGET_FRACTION:
         return None
-    suggested = int(max_steps * 0.85 / max(used, 1e-6))
+    suggested = int(max_steps * PROBE_MARGIN / max(used, 1e-6))
     return (
         f"training used {train_seconds / 60.0:.1f} of its {minutes:g} minutes ({100.0 * used:.0f} %): the timing "
         f"probe planned {max_steps} steps, timed while the machine was busier than during training; set "
