@@ -812,6 +812,17 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert saved_flow.prior.std == 1.5 and saved_flow.aug_scale == saved_flow.base_aug_scale == 0.25
 
 
+@pytest.mark.parametrize("name, value", [("n_eval_test", 0), ("n_eval_samples", 0), ("n_eval_test", 2.5)])
+def test_bench_eacf_refuses_bad_evaluation_sizes_before_training(tmp_path, name, value) -> None:
+    """Evaluation runs after the whole training budget: a size it cannot use must stop the run before it starts."""
+    from bgplugin.benchmarks.eacf import bench_eacf
+
+    load_benchmark("dw4", "test")  # skips without the data
+    with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1 or None .*got {value!r}"):
+        bench_eacf("dw4", tmp_path / "run", minutes=0.02, n_blocks=1, hidden=8, progress=False, **{name: value})
+    assert not (tmp_path / "run").exists()
+
+
 def test_bench_eacf_fab_fills_its_replay_buffer_inside_the_timed_training(tmp_path, monkeypatch) -> None:
     """The untimed warm-up/probe uses a throwaway FAB objective with a one-batch buffer; the timed run fills its own."""
     import bgplugin.benchmarks.eacf as eacf_bench

@@ -332,6 +332,10 @@ def bench_eacf(
         raise ValueError(f"objective must be one of {get_args(EACFObjective)}, got {objective!r}")
     if not (isinstance(minutes, (int, float)) and minutes > 0 and math.isfinite(minutes)):
         raise ValueError(f"minutes must be a finite number > 0, got {minutes!r}")
+    for name, value in (("n_eval_samples", n_eval_samples), ("n_eval_test", n_eval_test)):
+        # checked before training: evaluation comes after the whole budget
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 or None (the system default), got {value!r}")
     defaults = _DEFAULTS[system]
     sys_ = get_system(system)
     x_train = load_split(sys_, "train", data_directory)
@@ -604,8 +608,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, help="flow samples for the ESS (system default)")
     parser.add_argument("--eval-test", type=int, help="test configurations for the NLL (system default)")
     parser.add_argument("--cnf-model", help="a saved CNF to time against (default: untrained EGNN CNF)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation (1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the flow's weights, batches and draws (0)")
     parser.add_argument("--out", help="also write the result as JSON to this file")
     parser.add_argument("--out-dir", help="run folder (default runs/bench_eacf_<system>_<objective>)")
 
