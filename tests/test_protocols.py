@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_sample_chunk_compiled_false_overrides_a_flow_trained_compiled(tmp_path:
         _sample_chunk(str(tmp_path / "flow.pt"), "cpu", 7, 4, str(tmp_path / "fast.npz"), {}, True)
 
 
-def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
+def test_quickstart_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "run"
     first = run_protocol(tiny_quickstart(), out, device="cpu", stop_after="simulate", progress=False)
     assert list(first["steps"]) == ["simulate"]
@@ -251,6 +252,53 @@ def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
 
     again = run_protocol(tiny_quickstart(), out, device="cpu", progress=False)  # everything finished: nothing reruns
     assert again["wall_seconds"] == results["wall_seconds"]
+
+    # too few effective samples: neither dF nor the profile RMSE is reported (the numbers are kept aside), and the
+    # profile plot leaves the reweighted curve out; umbrella frames as the "samples" (on a copy of the run) give a
+    # profile that overlaps the reference: with even weights both are reported, with one dominant weight neither
+    import bgplugin.simulation
+    from bgplugin.data import Dataset
+    from bgplugin.protocols.runner import write_report
+    from bgplugin.protocols.steps import run_profile
+
+    drawn = []
+    plot_profile = bgplugin.simulation.plot_profile
+
+    def recording(profiles, path, **options):
+        drawn.append((options["labels"], options["title"]))
+        return plot_profile(profiles, path, **options)
+
+    monkeypatch.setattr(bgplugin.simulation, "plot_profile", recording)
+    frames = Dataset.load(out / "simulate" / "data.h5").positions
+    proto = load_protocol(tiny_quickstart())
+    for name, log_w in (("even", np.zeros(len(frames))), ("one", np.r_[0.0, np.full(len(frames) - 1, -30.0)])):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        np.savez(copy / "reweight" / "reweighted.npz", x=frames, u=np.zeros(len(frames)), log_w=log_w,
+                 log_q=np.zeros(len(frames)))  # fmt: skip
+        run = RunDirectory(copy, proto)
+        summary = run_profile(proto, run, False)
+        run.mark_finished("profile", summary, 1.0)
+        write_report(proto, run, "cpu")
+        report = (copy / "report.md").read_text()
+        rmse = summary["profile_comparison"]["rmse"]
+        assert rmse > 0
+        labels, title = drawn.pop()
+        if name == "even":
+            assert labels == ["flow (raw)", "flow, reweighted", "reference (bundled)"] and "\n" not in title
+            assert summary["n_effective"] == pytest.approx(len(frames))
+            assert summary["profile_rmse"] == rmse and summary["delta_f"] is not None
+            assert "profile_comparison_failure" not in summary and "profile comparison failure" not in report
+        else:
+            assert summary["n_effective"] < 1.001 and summary["profile_rmse"] is None and summary["delta_f"] is None
+            assert summary["profile_comparison_failure"] == (
+                "RMSE not reported: the weights leave 1.0 effective samples (< profile.min_effective_samples = 20); "
+                f"the raw RMSE {rmse:.2f} kT is kept in profile_comparison"
+            )
+            assert "| profile RMSE (F < 6.0 kT) | n/a kT |" in report
+            assert "| profile comparison failure | RMSE not reported" in report
+            assert labels == ["flow (raw)", "reference (bundled)"]
+            assert title.endswith("reweighted profile not drawn: 1.0 effective samples (< 20)")
 
 
 def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: Path) -> None:

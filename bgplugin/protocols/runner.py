@@ -23,6 +23,7 @@ from bgplugin.protocols.steps import (
     run_sample,
     run_simulate,
     run_train,
+    too_few_effective_samples,
 )
 
 __all__ = ["results_of", "run_protocol"]
@@ -213,11 +214,17 @@ def _plots(proto: Protocol, run: RunDirectory) -> dict[str, str]:
         profiles = [FreeEnergyProfile.load(prof / "profile_flow.json"), FreeEnergyProfile.load(prof /
                     "profile_reweighted.json")]  # fmt: skip
         labels = ["flow (raw)", "flow, reweighted"]
+        title = f"{proto.system}: F({profiles[0].cv_name})"
+        n_effective = run.summary("profile").get("n_effective")
+        minimum = proto.profile.min_effective_samples if proto.profile else 0.0
+        if n_effective is not None and too_few_effective_samples(n_effective, minimum):
+            # its bins scatter by hundreds of kT and would hide the other curves; the report says why
+            del profiles[1], labels[1]
+            title += f"\nreweighted profile not drawn: {n_effective:.1f} effective samples (< {minimum:g})"
         if (prof / "profile_reference.json").is_file():
             profiles.append(FreeEnergyProfile.load(prof / "profile_reference.json"))
             labels.append(f"reference ({proto.profile.reference if proto.profile else ''})")
-        plots["profile"] = str(plot_profile(profiles, out / "profile.png", labels=labels, units="kT",
-                                            title=f"{proto.system}: F({profiles[0].cv_name})"))  # fmt: skip
+        plots["profile"] = str(plot_profile(profiles, out / "profile.png", labels=labels, units="kT", title=title))
     if {"phi", "psi"} <= set(getattr(system, "cvs", {})):
         phi, psi = system.cvs["phi"], system.cvs["psi"]
         panels = []

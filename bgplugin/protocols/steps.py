@@ -540,14 +540,14 @@ def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[s
 
     n_effective = ess(log_w) * len(log_w)
     out: dict[str, Any] = {"cv": cfg.cv, "delta_f": None, "delta_f_error": None, "n_effective": n_effective}
+    too_few = too_few_effective_samples(n_effective, cfg.min_effective_samples)
     diff = None
     try:
         estimate = delta_f(values, cfg.state_a, cfg.state_b, log_weights=log_w, temperature=temperature)
         out["delta_f_detail"] = estimate.to_dict()
-        if n_effective < cfg.min_effective_samples:
+        if too_few:
             out["delta_f_failure"] = (
-                f"not reported: the weights leave {n_effective:.1f} effective samples (< min_effective_samples = "
-                f"{cfg.min_effective_samples:g}), where the error bar means nothing; the raw estimate "
+                f"{too_few}, where the error bar means nothing; the raw estimate "
                 f"{estimate.value:.2f} +- {estimate.error:.2f} kT is kept in delta_f_detail"
             )
             logger.warning("reweighted dF %s", out["delta_f_failure"])
@@ -564,7 +564,13 @@ def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[s
         try:
             comparison = compare_profiles(rw, reference, f_max=cfg.f_max)
             out["profile_comparison"] = comparison
-            out["profile_rmse"] = comparison["rmse"]
+            if too_few:  # the same rule as dF: a profile from a handful of weights is not an estimate
+                out["profile_comparison_failure"] = (
+                    f"RMSE {too_few}; the raw RMSE {comparison['rmse']:.2f} kT is kept in profile_comparison"
+                )
+                logger.warning("reweighted profile %s", out["profile_comparison_failure"])
+            else:
+                out["profile_rmse"] = comparison["rmse"]
         except ValueError as exc:
             logger.warning("the profile could not be compared with the reference: %s", exc)
             out["profile_comparison_failure"] = str(exc)
@@ -575,6 +581,16 @@ def run_profile(protocol: Protocol, run: RunDirectory, progress: bool) -> dict[s
                    delta_f_z=(diff.value - ref_diff.value) / math.hypot(diff.error, ref_diff.error))  # fmt: skip
     out["reference"] = cfg.reference
     return out
+
+
+def too_few_effective_samples(n_effective: float, minimum: float) -> str | None:
+    """Why a reweighted estimate from ``n_effective`` Kish effective samples is not reported (None: it is)."""
+    if n_effective >= minimum:
+        return None
+    return (
+        f"not reported: the weights leave {n_effective:.1f} effective samples (< profile.min_effective_samples = "
+        f"{minimum:g})"
+    )
 
 
 def _reference(protocol: Protocol, run: RunDirectory, spec: str | None) -> tuple[Any, Any]:
