@@ -250,6 +250,16 @@ def _is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000
 
 
+def test_ramachandran_panel_titles_give_the_effective_sample_size_of_weighted_panels() -> None:
+    from bgplugin.analysis.plots import _panel_title
+
+    assert _panel_title("data", None, 50) == "data (n=50)"
+    assert _panel_title("flow, reweighted", np.full(50, 0.3), 50) == "flow, reweighted (n=50, 50.0 effective)"
+    assert _panel_title("w", np.r_[1.0, np.full(99, 1e-12)], 100) == "w (n=100, 1.0 effective)"
+    assert _panel_title("w", np.r_[1.0, 1.0, 0.0, 0.0], 4) == "w (n=4, 2.0 effective)"
+    assert _panel_title("w", np.zeros(3), 3) == "w (n=3, 0.0 effective)"
+
+
 def test_plots_write_pngs_atomically(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     phi, psi = rng.vonmises(-1.5, 2.0, 3000), rng.vonmises(2.5, 1.5, 3000)

@@ -42,6 +42,16 @@ def _save(figure: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda stream: figure.savefig(stream, format="png"))
 
 
+def _panel_title(label: str, weights: np.ndarray | None, n: int) -> str:
+    """``label (n=...)``, with the Kish effective sample size when the panel is weighted."""
+    if weights is None:
+        return f"{label} (n={n})"
+    w = np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    n_effective = total**2 / np.square(w).sum() if total > 0 else 0.0
+    return f"{label} (n={n}, {n_effective:.1f} effective)"
+
+
 def plot_ramachandran(
     panels: Sequence[RamachandranPanel],
     path: str | Path,
@@ -86,7 +96,7 @@ def plot_ramachandran(
         mesh = ax.pcolormesh(
             np.degrees(surface.edges_x), np.degrees(surface.edges_y), f.T, vmin=0.0, vmax=f_max, cmap="viridis"
         )
-        ax.set_title(f"{label} (n={len(values)})", fontsize=9)
+        ax.set_title(_panel_title(label, weights, len(values)), fontsize=9)
         ax.set_xlabel(r"$\phi$ (deg)")
         ax.set_xlim(-180, 180)
         ax.set_ylim(-180, 180)
