@@ -260,6 +260,21 @@ def test_ramachandran_panel_titles_give_the_effective_sample_size_of_weighted_pa
     assert _panel_title("w", np.zeros(3), 3) == "w (n=3, 0.0 effective)"
 
 
+def test_weight_histogram_leaves_out_weights_far_below_equal_weights(tmp_path: Path) -> None:
+    from bgplugin.analysis.plots import _weight_decades
+
+    log_w = np.r_[np.log([0.5, 0.25, 0.25]), -1e9, -np.inf]  # n = 5: equal weights 10^-0.7, floor 10^-15.7
+    shown, lowest = _weight_decades(log_w, 15.0)
+    assert lowest == pytest.approx(-math.log10(5) - 15.0)
+    np.testing.assert_allclose(shown, np.log10([0.5, 0.25, 0.25]))  # normalised over every finite weight
+    shown, _ = _weight_decades(np.r_[0.0, -30.0, -50.0], 15.0)  # 10^-13.0 is kept, 10^-21.7 is not
+    np.testing.assert_allclose(shown, [0.0, -30.0 / math.log(10.0)], atol=1e-12)
+    assert len(_weight_decades(np.full(3, -np.inf), 15.0)[0]) == 0
+    assert _is_png(plot_weight_distribution(log_w, tmp_path / "w.png"))
+    with pytest.raises(ValueError, match="decades must be > 0"):
+        plot_weight_distribution(log_w, tmp_path / "x.png", decades=0)
+
+
 def test_plots_write_pngs_atomically(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     phi, psi = rng.vonmises(-1.5, 2.0, 3000), rng.vonmises(2.5, 1.5, 3000)

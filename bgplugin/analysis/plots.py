@@ -196,7 +196,19 @@ def plot_energy_histograms(
     return _save(figure, path)
 
 
-def plot_weight_distribution(log_w: Any, path: str | Path, *, bins: int = 60, title: str | None = None) -> Path:
+def _weight_decades(log_w: np.ndarray, decades: float) -> tuple[np.ndarray, float]:
+    """``log10`` of the normalised finite weights that lie at most ``decades`` below ``1/n``, and that floor."""
+    finite = log_w[np.isfinite(log_w)]
+    lowest = -math.log10(len(log_w)) - decades
+    if not len(finite):
+        return finite, lowest
+    normalised = (finite - logsumexp(finite)) / math.log(10.0)
+    return normalised[normalised >= lowest], lowest
+
+
+def plot_weight_distribution(
+    log_w: Any, path: str | Path, *, bins: int = 60, title: str | None = None, decades: float = 15.0
+) -> Path:
     r"""Histogram of the log normalised importance weights, with the Kish ESS in the title.
 
     Parameters
@@ -208,6 +220,11 @@ def plot_weight_distribution(log_w: Any, path: str | Path, *, bins: int = 60, ti
     bins : int
     title : str or None
         Prefix of the title.
+    decades : float
+        Weights more than this many decades below equal weights (``1/n``) are
+        left out of the histogram and counted in the title: a few samples with
+        absurd energies (log-weights of -1e9) would otherwise squeeze every
+        other sample into one bar.
 
     Returns
     -------
@@ -223,14 +240,16 @@ def plot_weight_distribution(log_w: Any, path: str | Path, *, bins: int = 60, ti
     array = np.asarray(log_w, dtype=np.float64)
     if array.ndim != 1 or len(array) == 0:
         raise ValueError(f"log_w must be a non-empty 1D array, got shape {array.shape}")
+    if not decades > 0:
+        raise ValueError(f"decades must be > 0, got {decades!r}")
     fraction = kish_ess(array)
     finite = np.isfinite(array)
     figure = _figure(6.0, 4.0)
     ax = figure.add_subplot()
     n = len(array)
-    if finite.any():
-        normalised = (array[finite] - logsumexp(array[finite])) / math.log(10.0)
-        ax.hist(normalised, bins=bins, color="tab:blue", alpha=0.8)
+    shown, lowest = _weight_decades(array, decades)
+    if len(shown):
+        ax.hist(shown, bins=bins, color="tab:blue", alpha=0.8)
         ax.axvline(-math.log10(n), color="k", ls="--", lw=1, label="equal weights (1/n)")
         ax.legend(fontsize=8)
     ax.set_xlabel(r"$\log_{10}$ normalised weight")
@@ -238,6 +257,9 @@ def plot_weight_distribution(log_w: Any, path: str | Path, *, bins: int = 60, ti
     text = f"ESS = {100 * fraction:.3g}% ({fraction * n:.1f} of {n})"
     if (~finite).any():
         text += f", {int((~finite).sum())} with weight 0"
+    hidden = int(finite.sum()) - len(shown)
+    if hidden:
+        text += f", {hidden} below $10^{{{lowest:.0f}}}$ not shown"
     ax.set_title(f"{title}: {text}" if title else text, fontsize=10)
     return _save(figure, path)
 
