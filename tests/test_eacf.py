@@ -743,6 +743,63 @@ def test_fab_ais_targets_p_squared_over_q() -> None:
 
 
 
+def test_evaluation_log_ratios_resume_after_an_interruption(tmp_path, monkeypatch, caplog) -> None:
+    """The test-set estimate is saved block by block; a rerun continues it and gets the numbers of one run."""
+    from bgplugin.benchmarks.eacf import EVAL_BLOCK, evaluation_log_ratios
+
+    system = get_system("dw4")
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu")
+    randomise_parameters(flow, 0.05, seed=5)
+    x = torch.randn(2 * EVAL_BLOCK + 20, 4, 2, generator=torch.Generator().manual_seed(1))
+    x = x - x.mean(1, keepdim=True)
+    whole = evaluation_log_ratios(flow, x, 3, seed=4, progress=False)
+    assert whole.shape == (3, len(x)) and whole.dtype == torch.float64 and torch.isfinite(whole).all()
+    with torch.no_grad():  # block k: its own draws, seeded from the seed and the block's first configuration
+        second = x[EVAL_BLOCK : 2 * EVAL_BLOCK]
+        draws = flow.sample_aug(second, 3, generator=torch.Generator().manual_seed(4 * 1_000_003 + EVAL_BLOCK))
+        expected = flow.augmented_log_ratios(second, draws).double()
+    torch.testing.assert_close(whole[:, EVAL_BLOCK : 2 * EVAL_BLOCK], expected)
+
+    calls: list[int] = []
+    interrupt_at = [3]
+    original = flow.augmented_log_ratios
+
+    def interrupted(block, a):
+        calls.append(len(block))
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt
+        return original(block, a)
+
+    cache = tmp_path / "eval.npz"
+    monkeypatch.setattr(flow, "augmented_log_ratios", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, save_every_seconds=0.0, progress=False)
+    assert calls == [EVAL_BLOCK, EVAL_BLOCK, 20]
+    interrupt_at[0] = 0
+    calls.clear()
+    resumed = evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False)
+    assert calls == [20]  # only the block that was cut off
+    torch.testing.assert_close(resumed, whole, rtol=0, atol=0)
+    calls.clear()
+    assert torch.equal(evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False), whole) and not calls
+    # another M, seed, set of configurations or set of weights: the saved blocks are not used
+    for args, options in (((x, 4), {"seed": 4}), ((x, 3), {"seed": 5}), ((x[:-1], 3), {"seed": 4})):
+        calls.clear()
+        evaluation_log_ratios(flow, *args, **options, progress=False)  # no cache: the saved one is untouched
+        evaluation_log_ratios(flow, *args, **options, cache=tmp_path / "other.npz", progress=False)
+        assert len(calls) == 6
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.01)
+    calls.clear()
+    changed = evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False)
+    assert len(calls) == 3 and not torch.equal(changed, whole)
+    cache.write_bytes(b"not an npz")
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        assert torch.equal(evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False), changed)
+    assert len(calls) == 3 and "could not read" in caplog.text
+
+
 def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     from bgplugin.benchmarks.eacf import add_arguments, bench_eacf, format_eacf
 
@@ -767,6 +824,7 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert speed["ratio_joint_vs_cnf"] == pytest.approx(speed["eacf_joint_samples_per_s"] / speed["cnf_samples_per_s"])
     assert (tmp_path / "run" / "result.json").is_file() and (tmp_path / "run" / "flow.pt").is_file()
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "loss.csv").is_file()
+    assert (tmp_path / "run" / "eval_log_ratios.npz").is_file()  # the test-set estimate, resumable
     assert result["training"]["resumed"] is False
     assert "E-ACF" in format_eacf(result)
     target = result["target_density"]  # Z from the joint weights; KL paired with the marginal-estimate NLL
