@@ -160,15 +160,13 @@ def _bench_particles_eacf(args: argparse.Namespace) -> int:
             f"CNFs; an E-ACF trains by {list(_EACF_OBJECTIVES)} (nll: maximum likelihood; fab: FAB with alpha = 2 "
             "from the energy alone; kl: reverse KL)"
         )
-    if args.device == "cuda":
-        raise SystemExit("bgplugin bench ... --model eacf runs on the CPU only for now; drop --device cuda")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     options = parser.parse_args([])
     options.system, options.objective, options.minutes = args.benchmark, _EACF_OBJECTIVES[objective], args.minutes
     options.out_dir = args.out_dir or f"runs/bench_eacf_{args.benchmark}_{options.objective}"
     options.eval_samples, options.seed, options.no_compile = args.eval_samples, args.seed, args.no_compile
-    options.eval_test = args.eval_test
+    options.eval_test, options.device = args.eval_test, args.device
     if args.lr is not None:
         options.lr = args.lr
     options.hidden, options.layers, options.batch_size = args.hidden, args.layers, args.batch_size

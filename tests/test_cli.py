@@ -126,15 +126,15 @@ def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tm
     assert seen["out_dir"] == "runs/bench_eacf_lj13_fab" and seen["projection"] == "spherical"
     assert seen["no_compile"] is False
     assert seen["hidden"] is None and seen["layers"] is None and seen["batch_size"] is None  # system defaults
-    assert seen["eval_test"] is None and seen["prior_std"] is None
+    assert seen["eval_test"] is None and seen["prior_std"] is None and seen["device"] == "auto"
     with pytest.raises(SystemExit):
         main(["bench", "dw4", "--model", "eacf", "--no-compile", "--hidden", "16", "--layers", "2",
               "--batch-size", "8", "--eval-test", "300"])  # fmt: skip
     assert seen["no_compile"] is True
     assert (seen["hidden"], seen["layers"], seen["batch_size"], seen["eval_test"]) == (16, 2, 8, 300)
     with pytest.raises(SystemExit):
-        main(["bench", "dw4", "--model", "eacf", "--prior-std", "1.5"])
-    assert seen["prior_std"] == 1.5
+        main(["bench", "dw4", "--model", "eacf", "--prior-std", "1.5", "--device", "cuda"])
+    assert seen["prior_std"] == 1.5 and seen["device"] == "cuda"  # bench eacf trains on a GPU too (stop 24)
     with pytest.raises(SystemExit, match="flow matching, which trains CNFs"):
         main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
     with pytest.raises(SystemExit, match="add --model eacf"):
