@@ -38,3 +38,64 @@ def test_files_named_in_the_pages_exist() -> None:
     assert len(named) >= 10
     missing = sorted((page, path) for page, path in named if not (ROOT / path).is_file())
     assert not missing, missing
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """``bgplugin run|bench|info ...`` lines of the pages, leaving out usage lines with ``[...]``, ``|`` or ``...``."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        commands = re.findall(r"`(bgplugin (?:run|bench|info)[^`]*)`", text)
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
+            commands += [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("bgplugin ")]
+        found += [(page.name, c) for c in commands if not any(mark in c for mark in ("[", "|", "..."))]
+    return found
+
+
+def test_documented_commands_parse() -> None:
+    import argparse
+    import contextlib
+    import io
+    import shlex
+
+    from bgplugin.benchmarks import eacf, mcmc
+    from bgplugin.cli import build_parser
+
+    own_options = {"eacf": eacf.add_arguments, "mcmc": mcmc.add_arguments}  # benches that parse their own options
+
+    def parses(words: list[str]) -> bool:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                args, extra = build_parser().parse_known_args(words)
+                if getattr(args, "passes_options", False):
+                    parser = argparse.ArgumentParser()
+                    own_options[words[1]](parser)
+                    parser.parse_args(extra)
+                    return True
+        except SystemExit:
+            return False
+        return not extra
+
+    def options_of(words: list[str]) -> str:
+        if words[:2] in (["bench", "eacf"], ["bench", "mcmc"]):
+            parser = argparse.ArgumentParser()
+            own_options[words[1]](parser)
+            return parser.format_help()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            build_parser().parse_args([*words[: 2 if words[0] == "bench" else 1], "--help"])
+        return out.getvalue()
+
+    commands = documented_commands()
+    assert len(commands) >= 50  # 81 when this test was written
+    refused = []
+    for page, command in commands:
+        words = ["1" if re.fullmatch(r"[A-Z][A-Z0-9_]*", w) else w for w in shlex.split(command)[1:]]  # DIR, LR
+        if parses(words):
+            continue
+        # prose naming a flag ("`bgplugin bench eacf --transforms`"): the flag must exist
+        flag = words[-1]
+        known = flag.startswith("--") and re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", options_of(words))
+        if not (known and parses(words[:-1])):
+            refused.append((page, command))
+    assert not refused, refused
