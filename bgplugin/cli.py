@@ -153,6 +153,11 @@ def _bench_particles_eacf(args: argparse.Namespace) -> int:
     from bgplugin.benchmarks.eacf import add_arguments, bench_eacf_from_args, format_eacf
     from bgplugin.fileio import write_json
 
+    if args.benchmark not in ("dw4", "lj13"):
+        raise SystemExit(
+            f"bgplugin bench {args.benchmark} --model eacf: the E-ACF benchmark covers dw4 and lj13; "
+            f"for {args.benchmark} use the CNF (--model cnf)"
+        )
     objective = args.objective or "nll"
     if objective not in _EACF_OBJECTIVES:
         raise SystemExit(
@@ -246,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--out", help="write the results as JSON to this file")
     training.set_defaults(func=_bench_training)
     for name in ("dw4", "lj13", "lj55"):
-        particles = bench_sub.add_parser(name, help=f"train and evaluate a CNF on the published {name.upper()} splits")
+        model = "a CNF (or an E-ACF: --model eacf)" if name != "lj55" else "a CNF"
+        particles = bench_sub.add_parser(name, help=f"train and score {model} on the published {name.upper()} splits")
         particles.add_argument("--model", choices=["cnf", "eacf"], default="cnf",
                                help="cnf (EGNN CNF) or eacf (augmented coupling flow; more options: bench eacf)")
         particles.add_argument("--objective", choices=[*_CNF_OBJECTIVES, "fab", "kl"],

@@ -139,6 +139,8 @@ def test_bench_particles_model_eacf_routes_to_the_eacf_benchmark(monkeypatch, tm
         main(["bench", "dw4", "--model", "eacf", "--objective", "eqot"])
     with pytest.raises(SystemExit, match="add --model eacf"):
         main(["bench", "dw4", "--objective", "fab"])
+    with pytest.raises(SystemExit, match="covers dw4 and lj13; for lj55 use the CNF"):
+        main(["bench", "lj55", "--model", "eacf"])
 
 
 def test_bench_particles_passes_the_model_size_to_the_cnf_benchmark(monkeypatch) -> None:
