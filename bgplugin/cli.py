@@ -353,7 +353,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # pymbar warns about JAX and timeseries caveats on import; documented, not actionable
         logging.getLogger("pymbar").setLevel(logging.ERROR)
-    return int(args.func(args))
+    if args.verbose:
+        return int(args.func(args))
+    from bgplugin.protocols import RunDirectoryError
+
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, RunDirectoryError) as error:
+        # bad input: its message names the value and the fix; a traceback would bury it
+        command = " ".join(filter(None, (args.command, getattr(args, "benchmark", None))))
+        print(f"bgplugin {command}: error: {error}", file=sys.stderr)
+        print("(bgplugin --verbose ... shows where it was raised)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

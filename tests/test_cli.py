@@ -81,8 +81,20 @@ def test_bench_divergence_small(monkeypatch) -> None:
 
 
 def test_run_refuses_an_unknown_protocol_with_the_bundled_names(capsys) -> None:
-    with pytest.raises(FileNotFoundError, match="quickstart"):
-        main(["run", "no_such_protocol"])
+    assert main(["run", "no_such_protocol"]) == 2  # one line naming the value and the bundled names, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("bgplugin run: error: protocol file 'no_such_protocol' does not exist")
+    assert "quickstart" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="quickstart"):  # --verbose: the exception itself
+        main(["--verbose", "run", "no_such_protocol"])
+
+
+def test_bad_values_are_one_line_errors_before_any_work(capsys, tmp_path) -> None:
+    assert main(["bench", "eacf", "--minutes", "-1", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "bgplugin bench eacf: error: minutes must be a finite number > 0, got -1.0" in capsys.readouterr().err
+    assert main(["bench", "eacf", "--eval-test", "0", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "n_eval_test must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_twice_resumes_without_redoing_steps(tmp_path, capsys) -> None:
