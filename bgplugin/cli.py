@@ -6,9 +6,14 @@ import argparse
 import logging
 import os
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch / xTB load their OpenMP runtime
+
+#: A ValueError later than this into a command is reported with its traceback (bad input fails at once).
+BAD_INPUT_SECONDS = 60.0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -357,10 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     from bgplugin.protocols import RunDirectoryError
 
+    start = time.monotonic()
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, RunDirectoryError) as error:
-        # bad input: its message names the value and the fix; a traceback would bury it
+        # bad input is refused before any work, with a message that names the value and the fix: a traceback
+        # would bury it; the same error after a minute of work is more likely a bug, so then it comes too
+        if time.monotonic() - start > BAD_INPUT_SECONDS:
+            traceback.print_exc()
         command = " ".join(filter(None, (args.command, getattr(args, "benchmark", None))))
         print(f"bgplugin {command}: error: {error}", file=sys.stderr)
         print("(bgplugin --verbose ... shows where it was raised)", file=sys.stderr)

@@ -97,6 +97,21 @@ def test_bad_values_are_one_line_errors_before_any_work(capsys, tmp_path) -> Non
     assert not (tmp_path / "run").exists()
 
 
+def test_an_error_after_a_minute_of_work_keeps_its_traceback(capsys, monkeypatch) -> None:
+    import bgplugin.cli as cli
+
+    def late_failure(args):
+        raise ValueError("a bug found late")
+
+    monkeypatch.setattr(cli, "_info", late_failure)  # build_parser() binds `bgplugin info` to it
+    assert main(["info"]) == 2
+    assert "Traceback" not in capsys.readouterr().err  # at once: bad input, one line
+    monkeypatch.setattr(cli, "BAD_INPUT_SECONDS", -1.0)  # as if it had run for a while
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "late_failure" in err and "bgplugin info: error: a bug found late" in err
+
+
 def test_run_twice_resumes_without_redoing_steps(tmp_path, capsys) -> None:
     """`bgplugin run FILE` twice: the second run finds the simulate step finished and does not redo it."""
     import yaml
