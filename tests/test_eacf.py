@@ -840,6 +840,9 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert again["training"]["resumed"] is True and again["training"]["steps"] == 3
     assert list(again["nll_by_marginal_draws"]) == ["1", "5", "6"] and "convergence in M" in format_eacf(again)
     assert again["nll"] == pytest.approx(result["nll"], abs=0.5)  # same weights; the marginal estimate is random
+    third = bench_eacf("dw4", tmp_path / "run", **options)  # M = 2 again: every draw is seeded, so the same numbers
+    assert (third["nll"], third["ess"], third["forward_ess"]) == (result["nll"], result["ess"], result["forward_ess"])
+    assert (tmp_path / "run" / "eval_sample_log_ratios.npz").is_file()
     with pytest.raises(ValueError, match="different training settings"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})
     parser = argparse.ArgumentParser()  # the command line reaches the same settings

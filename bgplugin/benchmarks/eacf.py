@@ -186,6 +186,8 @@ def _nll_by_draws(log_ratios: torch.Tensor, constant: float) -> dict[str, dict[s
 EVAL_BLOCK = 50
 #: The saved test-set log-ratios of an unfinished evaluation, in the run folder.
 EVAL_CACHE = "eval_log_ratios.npz"
+#: The same for the flow samples' marginal estimate (the reverse ESS).
+EVAL_SAMPLES_CACHE = "eval_sample_log_ratios.npz"
 
 
 def _evaluation_key(flow: EACF, x_test: torch.Tensor, n_marginal: int, seed: int) -> str:
@@ -208,7 +210,7 @@ def evaluation_log_ratios(
     save_every_seconds: float = 120.0,
     progress: bool = True,
 ) -> torch.Tensor:
-    """:meth:`EACF.augmented_log_ratios` of M fresh draws for every test configuration, resumable.
+    """:meth:`EACF.augmented_log_ratios` of M fresh draws for every configuration (test data, flow samples), resumable.
 
     The configurations are taken in blocks of :data:`EVAL_BLOCK`, each with draws from its own generator (seeded
     from ``seed`` and the block's first index), so the result does not depend on where a run was interrupted.
@@ -245,7 +247,7 @@ def evaluation_log_ratios(
 
     last_save = time.perf_counter()
     starts = range(n_done, n_test, EVAL_BLOCK)
-    bar = tqdm(total=n_test, initial=n_done, desc="E-ACF test log q", unit="config", disable=not progress)
+    bar = tqdm(total=n_test, initial=n_done, desc="E-ACF log q (M draws)", unit="config", disable=not progress)
     with bar, torch.no_grad():
         for start in starts:
             stop = min(start + EVAL_BLOCK, n_test)
@@ -284,7 +286,11 @@ def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, 
         out["failed_test_frames"] = int((~torch.isfinite(lw_test)).sum())
 
         x, a, log_q_joint_samples = flow.sample_joint(n_samples, generator=generator)
-        log_q_samples = flow.marginal_log_prob(x, flow.sample_aug(x, n_marginal, generator=generator), progress=True)
+        # the samples' marginal estimate, resumable like the test set's (the samples are the same on a rerun: the
+        # generator is seeded and the weights are those of the saved flow)
+        sample_cache = None if cache is None else cache.with_name(EVAL_SAMPLES_CACHE)
+        sample_ratios = evaluation_log_ratios(flow, x, n_marginal, seed + 1, sample_cache).to(flow.device)
+        log_q_samples = torch.logsumexp(sample_ratios, 0) - math.log(n_marginal)
         u = _energies(system, x)
         lw = -u - log_q_samples.double().cpu()
         lw_joint = -u + (flow.log_prob_aug(a, x).double() - log_q_joint_samples.double()).cpu()
