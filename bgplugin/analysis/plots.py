@@ -47,8 +47,8 @@ def _panel_title(label: str, weights: np.ndarray | None, n: int) -> str:
     if weights is None:
         return f"{label} (n={n})"
     w = np.asarray(weights, dtype=np.float64)
-    total = w.sum()
-    n_effective = total**2 / np.square(w).sum() if total > 0 else 0.0
+    with np.errstate(divide="ignore"):  # weight 0: log-weight -inf, counted in n
+        n_effective = kish_ess(np.log(w)) * len(w)
     return f"{label} (n={n}, {n_effective:.1f} effective)"
 
 
