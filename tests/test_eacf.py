@@ -15,6 +15,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_benchmark, randomise_parameters
@@ -800,6 +801,37 @@ def test_evaluation_log_ratios_resume_after_an_interruption(tmp_path, monkeypatc
     assert len(calls) == 3 and "could not read" in caplog.text
 
 
+def test_evaluation_log_ratios_in_worker_processes_equal_one_process(tmp_path) -> None:
+    """Blocks computed by two worker processes, fresh or resumed from a saved prefix: bit for bit one process's."""
+    from bgplugin.benchmarks.eacf import EVAL_BLOCK, evaluation_log_ratios
+    from bgplugin.flows.bench import torch_threads
+
+    system = get_system("dw4")
+    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu").eval()
+    randomise_parameters(flow, 0.05, seed=6)
+    x = torch.randn(3 * EVAL_BLOCK + 7, 4, 2, generator=torch.Generator().manual_seed(2))
+    x = x - x.mean(1, keepdim=True)
+    with torch_threads(1):
+        whole = evaluation_log_ratios(flow, x, 3, seed=7, progress=False)
+        cache = tmp_path / "eval.npz"
+        two = evaluation_log_ratios(flow, x, 3, seed=7, cache=cache, n_workers=2, progress=False)
+        assert torch.equal(two, whole)
+        with np.load(cache) as saved:
+            assert int(saved["n_done"]) == len(x)
+        # a saved prefix of one block (as an interrupted run leaves it): the workers compute only the rest
+        partial = evaluation_log_ratios(flow, x[:EVAL_BLOCK], 3, seed=7, progress=False)
+        with np.load(cache) as saved:
+            key = str(saved["key"])
+        np.savez(cache, key=key, n_done=EVAL_BLOCK, log_ratios=np.full((3, EVAL_BLOCK), 1e9))
+        resumed = evaluation_log_ratios(flow, x, 3, seed=7, cache=cache, n_workers=2, progress=False)
+        assert torch.equal(resumed[:, :EVAL_BLOCK], torch.full((3, EVAL_BLOCK), 1e9, dtype=torch.float64))
+        assert torch.equal(resumed[:, EVAL_BLOCK:], whole[:, EVAL_BLOCK:])
+        assert torch.equal(partial, whole[:, :EVAL_BLOCK])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="n_workers must be an integer >= 1"):
+            evaluation_log_ratios(flow, x, 3, seed=7, n_workers=bad, progress=False)
+
+
 def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     from bgplugin.benchmarks.eacf import add_arguments, bench_eacf, format_eacf
 
@@ -840,8 +872,10 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert again["training"]["resumed"] is True and again["training"]["steps"] == 3
     assert list(again["nll_by_marginal_draws"]) == ["1", "5", "6"] and "convergence in M" in format_eacf(again)
     assert again["nll"] == pytest.approx(result["nll"], abs=0.5)  # same weights; the marginal estimate is random
-    third = bench_eacf("dw4", tmp_path / "run", **options)  # M = 2 again: every draw is seeded, so the same numbers
+    # M = 2 again: every draw is seeded, so the same numbers, here from two evaluation processes
+    third = bench_eacf("dw4", tmp_path / "run", **options, n_eval_workers=2)
     assert (third["nll"], third["ess"], third["forward_ess"]) == (result["nll"], result["ess"], result["forward_ess"])
+    assert third["settings"]["n_eval_workers"] == 2 and "(2 process(es))" in format_eacf(third)
     assert (tmp_path / "run" / "eval_sample_log_ratios.npz").is_file()
     with pytest.raises(ValueError, match="different training settings"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})
@@ -849,6 +883,7 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     add_arguments(parser)
     args = parser.parse_args(["--transforms", "3", "--aug-scale", "0.25", "--ema-decay", "none"])
     assert (args.transforms, args.aug_scale, args.ema_decay) == (3, 0.25, None)
+    assert parser.parse_args([]).eval_workers == 1 and parser.parse_args(["--eval-workers", "2"]).eval_workers == 2
     assert parser.parse_args([]).aug_scale == 0.1
     assert parser.parse_args([]).device == "auto" and parser.parse_args(["--device", "cpu"]).device == "cpu"
     assert result["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # "auto" picks the GPU if any
@@ -873,13 +908,17 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert saved_flow.prior.std == 1.5 and saved_flow.aug_scale == saved_flow.base_aug_scale == 0.25
 
 
-@pytest.mark.parametrize("name, value", [("n_eval_test", 0), ("n_eval_samples", 0), ("n_eval_test", 2.5)])
-def test_bench_eacf_refuses_bad_evaluation_sizes_before_training(tmp_path, name, value) -> None:
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [("n_eval_test", 0, " or None"), ("n_eval_samples", 0, " or None"), ("n_eval_test", 2.5, " or None"),
+     ("n_eval_workers", 0, ""), ("n_eval_workers", True, "")],
+)  # fmt: skip
+def test_bench_eacf_refuses_bad_evaluation_sizes_before_training(tmp_path, name, value, allowed) -> None:
     """Evaluation runs after the whole training budget: a size it cannot use must stop the run before it starts."""
     from bgplugin.benchmarks.eacf import bench_eacf
 
     load_benchmark("dw4", "test")  # skips without the data
-    with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1 or None .*got {value!r}"):
+    with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1{allowed}\b.*got {value!r}"):
         bench_eacf("dw4", tmp_path / "run", minutes=0.02, n_blocks=1, hidden=8, progress=False, **{name: value})
     assert not (tmp_path / "run").exists()
 

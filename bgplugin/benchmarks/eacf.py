@@ -66,6 +66,7 @@ from bgplugin.benchmarks.particles import (
     prior_constant,
     target_density,
 )
+from bgplugin.energies.pool import single_threaded
 from bgplugin.fileio import atomic_write, write_json
 from bgplugin.flows import CNF, build_flow, load_flow
 from bgplugin.flows.bench import torch_threads
@@ -200,6 +201,33 @@ def _evaluation_key(flow: EACF, x_test: torch.Tensor, n_marginal: int, seed: int
     return digest.hexdigest()
 
 
+def _block_log_ratios(flow: EACF, block: torch.Tensor, n_marginal: int, seed: int, start: int) -> np.ndarray:
+    """The log-ratios of one evaluation block: M draws from the block's own generator (``seed``, ``start``)."""
+    generator = torch.Generator(flow.device).manual_seed(seed * 1_000_003 + start)
+    with torch.no_grad():
+        draws = flow.sample_aug(block, n_marginal, generator=generator)
+        return flow.augmented_log_ratios(block, draws).double().cpu().numpy()
+
+
+#: The flow of an evaluation worker process (set by :func:`_init_evaluation_worker`).
+_WORKER_FLOW: EACF | None = None
+
+
+def _init_evaluation_worker(flow_path: str) -> None:
+    global _WORKER_FLOW
+    single_threaded()
+    flow = load_flow(flow_path, device="cpu")
+    if not isinstance(flow, EACF):  # pragma: no cover - the parent saved an EACF
+        raise TypeError(f"{flow_path} is not an E-ACF")
+    _WORKER_FLOW = flow.eval()
+
+
+def _worker_block_log_ratios(block: torch.Tensor, n_marginal: int, seed: int, start: int) -> np.ndarray:
+    if _WORKER_FLOW is None:  # pragma: no cover - the initializer always runs first
+        raise RuntimeError("evaluation worker started without its flow")
+    return _block_log_ratios(_WORKER_FLOW, block, n_marginal, seed, start)
+
+
 def evaluation_log_ratios(
     flow: EACF,
     x_test: torch.Tensor,
@@ -207,22 +235,33 @@ def evaluation_log_ratios(
     seed: int,
     cache: str | os.PathLike[str] | None = None,
     *,
+    n_workers: int = 1,
     save_every_seconds: float = 120.0,
     progress: bool = True,
 ) -> torch.Tensor:
     """:meth:`EACF.augmented_log_ratios` of M fresh draws for every configuration (test data, flow samples), resumable.
 
     The configurations are taken in blocks of :data:`EVAL_BLOCK`, each with draws from its own generator (seeded
-    from ``seed`` and the block's first index), so the result does not depend on where a run was interrupted.
+    from ``seed`` and the block's first index), so the result does not depend on where a run was interrupted
+    nor on how many processes computed it.
     With ``cache``, the finished blocks are written there (atomically, at most every ``save_every_seconds`` and
     after the last block) under a hash of the flow's weights, the configurations, M and the seed; a rerun with
     the same four continues after the last saved block, anything else starts over. At M = 2000 an LJ13
     evaluation of 1000 configurations is an hour of one CPU core.
 
+    Parameters
+    ----------
+    n_workers : int
+        Worker processes for a flow on the CPU (one torch thread each; the flow goes to them through a temporary
+        file written by :meth:`EACF.save`). With one torch thread in the calling process as well, the log-ratios
+        are bit-for-bit those of ``n_workers=1``. Ignored for a flow on a GPU.
+
     Returns
     -------
     Tensor, shape (M, n_test), float64
     """
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"n_workers must be an integer >= 1, got {n_workers!r}; use 1 for no worker processes")
     n_test = x_test.shape[0]
     key = _evaluation_key(flow, x_test, n_marginal, seed)
     ratios = np.full((n_marginal, n_test), np.nan, dtype=np.float64)
@@ -245,31 +284,59 @@ def evaluation_log_ratios(
         if path is not None:
             atomic_write(path, lambda handle: np.savez(handle, key=key, n_done=upto, log_ratios=ratios[:, :upto]))
 
+    starts = list(range(n_done, n_test, EVAL_BLOCK))
+    blocks = {start: x_test[start : min(start + EVAL_BLOCK, n_test)] for start in starts}
+    finished: set[int] = set()
     last_save = time.perf_counter()
-    starts = range(n_done, n_test, EVAL_BLOCK)
     bar = tqdm(total=n_test, initial=n_done, desc="E-ACF log q (M draws)", unit="config", disable=not progress)
-    with bar, torch.no_grad():
-        for start in starts:
-            stop = min(start + EVAL_BLOCK, n_test)
-            generator = torch.Generator(flow.device).manual_seed(seed * 1_000_003 + start)
-            block = x_test[start:stop]
-            draws = flow.sample_aug(block, n_marginal, generator=generator)
-            ratios[:, start:stop] = flow.augmented_log_ratios(block, draws).double().cpu().numpy()
-            bar.update(stop - start)
-            if stop == n_test or time.perf_counter() - last_save > save_every_seconds:
-                save(stop)
-                last_save = time.perf_counter()
+
+    def record(start: int, values: np.ndarray) -> None:
+        """Keep a finished block; save the leading run of finished blocks now and then, and at the end."""
+        nonlocal n_done, last_save
+        ratios[:, start : start + values.shape[1]] = values
+        finished.add(start)
+        bar.update(values.shape[1])
+        while n_done in finished:
+            n_done = min(n_done + EVAL_BLOCK, n_test)
+        if n_done == n_test or time.perf_counter() - last_save > save_every_seconds:
+            save(n_done)
+            last_save = time.perf_counter()
+
+    workers = min(n_workers, len(starts)) if flow.device.type == "cpu" else 1
+    with bar:
+        if workers <= 1:
+            for start in starts:
+                record(start, _block_log_ratios(flow, blocks[start], n_marginal, seed, start))
+        else:
+            import multiprocessing
+            import tempfile
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with tempfile.TemporaryDirectory(prefix="bgplugin_eval_") as folder:
+                flow_path = str(Path(folder) / "flow.pt")
+                flow.save(flow_path)
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_evaluation_worker, initargs=(flow_path,)) as pool:
+                    futures = {pool.submit(_worker_block_log_ratios, blocks[start].cpu(), n_marginal, seed, start):
+                               start for start in starts}  # fmt: skip
+                    try:
+                        for future in as_completed(futures):
+                            record(futures[future], future.result())
+                    except BaseException:  # a failed block or an interrupt: do not wait for the queued blocks
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
     return torch.from_numpy(ratios)
 
 
 def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
-              seed: int, cache: Path | None = None) -> dict[str, Any]:  # fmt: skip
+              seed: int, cache: Path | None = None, n_workers: int = 1) -> dict[str, Any]:  # fmt: skip
     constant = prior_constant(system.n_particles, system.dim)
     x_test = x_test.to(flow.device)
     generator = torch.Generator(flow.device).manual_seed(seed)
     out: dict[str, Any] = {"prior_constant": constant}
     with torch.no_grad():
-        log_ratios = evaluation_log_ratios(flow, x_test, n_marginal, seed, cache).to(flow.device)
+        log_ratios = evaluation_log_ratios(flow, x_test, n_marginal, seed, cache, n_workers=n_workers)
+        log_ratios = log_ratios.to(flow.device)
         log_q_test = torch.logsumexp(log_ratios, 0) - math.log(n_marginal)
         # the reported NLL is the table's last row: the estimate from all M draws
         table = _nll_by_draws(log_ratios, constant)
@@ -289,7 +356,8 @@ def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, 
         # the samples' marginal estimate, resumable like the test set's (the samples are the same on a rerun: the
         # generator is seeded and the weights are those of the saved flow)
         sample_cache = None if cache is None else cache.with_name(EVAL_SAMPLES_CACHE)
-        sample_ratios = evaluation_log_ratios(flow, x, n_marginal, seed + 1, sample_cache).to(flow.device)
+        sample_ratios = evaluation_log_ratios(flow, x, n_marginal, seed + 1, sample_cache, n_workers=n_workers)
+        sample_ratios = sample_ratios.to(flow.device)
         log_q_samples = torch.logsumexp(sample_ratios, 0) - math.log(n_marginal)
         u = _energies(system, x)
         lw = -u - log_q_samples.double().cpu()
@@ -335,6 +403,7 @@ def bench_eacf(
     n_marginal: int = 20,
     n_eval_samples: int | None = None,
     n_eval_test: int | None = None,
+    n_eval_workers: int = 1,
     n_speed_samples: int = 2000,
     n_cnf_speed_samples: int = 200,
     cnf_model: str | os.PathLike[str] | None = None,
@@ -398,6 +467,9 @@ def bench_eacf(
         ``M`` of the marginal estimate in the evaluation and the timing.
     n_eval_samples, n_eval_test : int, optional
         Flow samples for the reverse ESS and test configurations for the NLL.
+    n_eval_workers : int
+        Processes for the marginal estimates of the evaluation on a CPU (see :func:`evaluation_log_ratios`;
+        with ``n_threads=1`` the numbers do not depend on it). The training uses ``n_threads``.
     n_speed_samples, n_cnf_speed_samples : int
         Samples per timing call for the E-ACF and the CNF.
     cnf_model : path, optional
@@ -428,6 +500,8 @@ def bench_eacf(
         # checked before training: evaluation comes after the whole budget
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 or None (the system default), got {value!r}")
+    if isinstance(n_eval_workers, bool) or not isinstance(n_eval_workers, int) or n_eval_workers < 1:
+        raise ValueError(f"n_eval_workers must be an integer >= 1, got {n_eval_workers!r}")
     defaults = _DEFAULTS[system]
     sys_ = get_system(system)
     x_train = load_split(sys_, "train", data_directory)
@@ -526,7 +600,8 @@ def bench_eacf(
                 flow.save(out / "flow.pt")
                 x_test = torch.as_tensor(x_test_all[evaluation_subset(len(x_test_all), n_test, seed)])
                 eval_start = time.perf_counter()
-                metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed, out / EVAL_CACHE)
+                metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed, out / EVAL_CACHE,
+                                    n_eval_workers)
             eval_seconds = time.perf_counter() - eval_start
             cnf = load_flow(cnf_model, device=flow.device) if cnf_model is not None else build_flow(
                 sys_, "egnn", device=flow.device, **defaults["cnf"])  # fmt: skip
@@ -569,6 +644,7 @@ def bench_eacf(
             "seed": seed,
             "n_eval_samples": n_samples,
             "n_eval_test": n_test,
+            "n_eval_workers": n_eval_workers,
             "n_train": len(x_train),
             "cnf_model": None if cnf_model is None else str(cnf_model),
             "nll_convention": "nll excludes the prior constant ((N-1)*D/2)*ln(2*pi) (the EFM tables); "
@@ -658,7 +734,8 @@ def format_eacf(result: dict[str, Any]) -> str:
         f"-> {v['ratio_joint_vs_cnf']:.0f}x / {v['ratio_marginal_vs_cnf']:.1f}x",
         f"float32 round trip on flow samples: max |dx| {result['round_trip_max_abs']:.1e}",
         f"evaluation {s['n_eval_samples']} samples / {s['n_eval_test']} test configurations in "
-        f"{result['eval_seconds']:.0f} s; wall {result['wall_seconds']:.0f} s",
+        f"{result['eval_seconds']:.0f} s ({s.get('n_eval_workers', 1)} process(es)); "
+        f"wall {result['wall_seconds']:.0f} s",
     ]
     return "\n".join(lines)
 
@@ -699,6 +776,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--marginal-draws", type=int, default=20, help="M of the marginal log q estimate (20)")
     parser.add_argument("--eval-samples", type=int, help="flow samples for the ESS (system default)")
     parser.add_argument("--eval-test", type=int, help="test configurations for the NLL (system default)")
+    parser.add_argument("--eval-workers", type=int, default=1,
+                        help="processes for the evaluation's marginal estimates on a CPU, one thread each (1); "
+                             "the same numbers as one process when --threads is 1")
     parser.add_argument("--cnf-model", help="a saved CNF to time against (default: untrained EGNN CNF)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation (1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the flow's weights, batches and draws (0)")
@@ -744,6 +824,7 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         n_marginal=args.marginal_draws,
         n_eval_samples=args.eval_samples,
         n_eval_test=args.eval_test,
+        n_eval_workers=args.eval_workers,
         cnf_model=args.cnf_model,
         seed=args.seed,
         n_threads=args.threads,

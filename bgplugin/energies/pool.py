@@ -32,6 +32,18 @@ logger = logging.getLogger(__name__)
 
 #: One OpenMP / BLAS thread per worker: parallelism comes from processes.
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def single_threaded(env: dict[str, str] | None = None) -> None:
+    """Make this (worker) process use one OpenMP / BLAS thread and one torch thread.
+
+    The ``initializer`` of a :class:`concurrent.futures.ProcessPoolExecutor` whose workers run torch.
+    """
+    import torch
+
+    os.environ.update(SINGLE_THREAD_ENV if env is None else env)
+    torch.set_num_threads(1)
+
 _ENV_LOCK = threading.Lock()
 
 

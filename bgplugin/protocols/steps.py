@@ -368,10 +368,10 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        from bgplugin.energies.pool import SINGLE_THREAD_ENV
+        from bgplugin.energies.pool import single_threaded
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_single_threaded, initargs=(SINGLE_THREAD_ENV,)) as pool:  # fmt: skip
+                                 initializer=single_threaded) as pool:
             for future in as_completed([pool.submit(_sample_chunk, *job) for job in jobs]):
                 future.result()
                 bar.update()
@@ -393,13 +393,6 @@ def run_sample(protocol: Protocol, run: RunDirectory, progress: bool, device: st
     return {"n_samples": len(x_cat), "samples_per_second": rate, "log_q": log_q_kind, "n_workers": workers,
             "device": device, "compiled": cfg.compiled,
             "samples": str(folder / SAMPLES_FILE)}  # fmt: skip
-
-
-def _single_threaded(env: dict[str, str]) -> None:
-    import os
-
-    os.environ.update(env)
-    torch.set_num_threads(1)
 
 
 def _sample_chunk(
