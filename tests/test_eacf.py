@@ -875,7 +875,7 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     # M = 2 again: every draw is seeded, so the same numbers, here from two evaluation processes
     third = bench_eacf("dw4", tmp_path / "run", **options, n_eval_workers=2)
     assert (third["nll"], third["ess"], third["forward_ess"]) == (result["nll"], result["ess"], result["forward_ess"])
-    assert third["settings"]["n_eval_workers"] == 2 and "(2 process(es))" in format_eacf(third)
+    assert third["settings"]["n_eval_workers"] == 2 and "(2 processes)" in format_eacf(third)
     assert (tmp_path / "run" / "eval_sample_log_ratios.npz").is_file()
     with pytest.raises(ValueError, match="different training settings"):
         bench_eacf("dw4", tmp_path / "run", **{**options, "lr": 3e-3})

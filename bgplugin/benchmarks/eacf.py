@@ -734,10 +734,14 @@ def format_eacf(result: dict[str, Any]) -> str:
         f"-> {v['ratio_joint_vs_cnf']:.0f}x / {v['ratio_marginal_vs_cnf']:.1f}x",
         f"float32 round trip on flow samples: max |dx| {result['round_trip_max_abs']:.1e}",
         f"evaluation {s['n_eval_samples']} samples / {s['n_eval_test']} test configurations in "
-        f"{result['eval_seconds']:.0f} s ({s.get('n_eval_workers', 1)} process(es)); "
+        f"{result['eval_seconds']:.0f} s ({_processes(s.get('n_eval_workers', 1))}); "
         f"wall {result['wall_seconds']:.0f} s",
     ]
     return "\n".join(lines)
+
+
+def _processes(count: int) -> str:
+    return "1 process" if count == 1 else f"{count} processes"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
