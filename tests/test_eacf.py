@@ -781,6 +781,16 @@ def test_evaluation_log_ratios_resume_after_an_interruption(tmp_path, monkeypatc
     resumed = evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False)
     assert calls == [20]  # only the block that was cut off
     torch.testing.assert_close(resumed, whole, rtol=0, atol=0)
+    # no timed save before the interrupt: the blocks finished by then are written on the way out
+    cache.unlink()
+    calls.clear()
+    interrupt_at[0] = 3
+    with pytest.raises(KeyboardInterrupt):
+        evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, save_every_seconds=1e9, progress=False)
+    interrupt_at[0] = 0
+    calls.clear()
+    assert torch.equal(evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False), whole)
+    assert calls == [20]
     calls.clear()
     assert torch.equal(evaluation_log_ratios(flow, x, 3, seed=4, cache=cache, progress=False), whole) and not calls
     # another M, seed, set of configurations or set of weights: the saved blocks are not used

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -228,6 +229,28 @@ def _worker_block_log_ratios(block: torch.Tensor, n_marginal: int, seed: int, st
     return _block_log_ratios(_WORKER_FLOW, block, n_marginal, seed, start)
 
 
+def _blocks_in_workers(flow: EACF, blocks: dict[int, torch.Tensor], n_marginal: int, seed: int, workers: int,
+                       record: Callable[[int, np.ndarray], None]) -> None:  # fmt: skip
+    """:func:`_block_log_ratios` of every block in ``workers`` spawned processes; ``record(start, values)`` each."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with tempfile.TemporaryDirectory(prefix="bgplugin_eval_") as folder:
+        flow_path = str(Path(folder) / "flow.pt")
+        flow.save(flow_path)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_evaluation_worker, initargs=(flow_path,)) as pool:  # fmt: skip
+            futures = {pool.submit(_worker_block_log_ratios, block.cpu(), n_marginal, seed, start): start
+                       for start, block in blocks.items()}  # fmt: skip
+            try:
+                for future in as_completed(futures):
+                    record(futures[future], future.result())
+            except BaseException:  # do not wait for the queued blocks
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+
 def evaluation_log_ratios(
     flow: EACF,
     x_test: torch.Tensor,
@@ -244,8 +267,8 @@ def evaluation_log_ratios(
     The configurations are taken in blocks of :data:`EVAL_BLOCK`, each with draws from its own generator (seeded
     from ``seed`` and the block's first index), so the result does not depend on where a run was interrupted
     nor on how many processes computed it.
-    With ``cache``, the finished blocks are written there (atomically, at most every ``save_every_seconds`` and
-    after the last block) under a hash of the flow's weights, the configurations, M and the seed; a rerun with
+    With ``cache``, the finished blocks are written there (atomically, at most every ``save_every_seconds``,
+    after the last block and on the way out of an interrupt or a failure) under a hash of the flow's weights, the configurations, M and the seed; a rerun with
     the same four continues after the last saved block, anything else starts over. At M = 2000 an LJ13
     evaluation of 1000 configurations is an hour of one CPU core.
 
@@ -304,27 +327,16 @@ def evaluation_log_ratios(
 
     workers = min(n_workers, len(starts)) if flow.device.type == "cpu" else 1
     with bar:
-        if workers <= 1:
-            for start in starts:
-                record(start, _block_log_ratios(flow, blocks[start], n_marginal, seed, start))
-        else:
-            import multiprocessing
-            import tempfile
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with tempfile.TemporaryDirectory(prefix="bgplugin_eval_") as folder:
-                flow_path = str(Path(folder) / "flow.pt")
-                flow.save(flow_path)
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_evaluation_worker, initargs=(flow_path,)) as pool:
-                    futures = {pool.submit(_worker_block_log_ratios, blocks[start].cpu(), n_marginal, seed, start):
-                               start for start in starts}  # fmt: skip
-                    try:
-                        for future in as_completed(futures):
-                            record(futures[future], future.result())
-                    except BaseException:  # a failed block or an interrupt: do not wait for the queued blocks
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise
+        try:
+            if workers <= 1:
+                for start in starts:
+                    record(start, _block_log_ratios(flow, blocks[start], n_marginal, seed, start))
+            else:
+                _blocks_in_workers(flow, blocks, n_marginal, seed, workers, record)
+        except BaseException:  # an interrupt or a failed block: keep what is finished, then stop
+            if n_done > 0:
+                save(n_done)
+            raise
     return torch.from_numpy(ratios)
 
 
