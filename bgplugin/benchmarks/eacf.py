@@ -268,9 +268,10 @@ def evaluation_log_ratios(
     from ``seed`` and the block's first index), so the result does not depend on where a run was interrupted
     nor on how many processes computed it.
     With ``cache``, the finished blocks are written there (atomically, at most every ``save_every_seconds``,
-    after the last block and on the way out of an interrupt or a failure) under a hash of the flow's weights, the configurations, M and the seed; a rerun with
-    the same four continues after the last saved block, anything else starts over. At M = 2000 an LJ13
-    evaluation of 1000 configurations is an hour of one CPU core.
+    after the last block and on the way out of an interrupt or a failure) under a hash of the flow's weights,
+    the configurations, M and the seed; a rerun with the same four continues after the last saved block,
+    anything else starts over. At M = 2000 an LJ13 evaluation of 1000 configurations is an hour of one CPU
+    core.
 
     Parameters
     ----------
