@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -811,16 +812,21 @@ def test_evaluation_log_ratios_resume_after_an_interruption(tmp_path, monkeypatc
     assert len(calls) == 3 and "could not read" in caplog.text
 
 
+def _small_dw4_flow_and_frames(n: int, seed: int, randomise: bool = True) -> tuple[EACF, torch.Tensor]:
+    """A one-block width-8 DW4 E-ACF (perturbed weights unless told otherwise) and ``n`` mean-free Gaussian frames."""
+    flow = build_flow(get_system("dw4"), kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu").eval()
+    if randomise:
+        randomise_parameters(flow, 0.05, seed=6)
+    x = torch.randn(n, 4, 2, generator=torch.Generator().manual_seed(seed))
+    return flow, x - x.mean(1, keepdim=True)
+
+
 def test_evaluation_log_ratios_in_worker_processes_equal_one_process(tmp_path) -> None:
     """Blocks computed by two worker processes, fresh or resumed from a saved prefix: bit for bit one process's."""
     from bgplugin.benchmarks.eacf import EVAL_BLOCK, evaluation_log_ratios
     from bgplugin.flows.bench import torch_threads
 
-    system = get_system("dw4")
-    flow = build_flow(system, kind="eacf", n_blocks=1, hidden=8, n_layers=1, device="cpu").eval()
-    randomise_parameters(flow, 0.05, seed=6)
-    x = torch.randn(3 * EVAL_BLOCK + 7, 4, 2, generator=torch.Generator().manual_seed(2))
-    x = x - x.mean(1, keepdim=True)
+    flow, x = _small_dw4_flow_and_frames(3 * EVAL_BLOCK + 7, seed=2)
     with torch_threads(1):
         whole = evaluation_log_ratios(flow, x, 3, seed=7, progress=False)
         cache = tmp_path / "eval.npz"
@@ -840,6 +846,42 @@ def test_evaluation_log_ratios_in_worker_processes_equal_one_process(tmp_path) -
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="n_workers must be an integer >= 1"):
             evaluation_log_ratios(flow, x, 3, seed=7, n_workers=bad, progress=False)
+
+
+def test_evaluation_workers_serve_several_estimates_of_one_flow(tmp_path) -> None:
+    """One set of processes for two estimates, started only when a block needs them; other weights are refused."""
+    from bgplugin.benchmarks.eacf import EVAL_BLOCK, EvaluationWorkers, evaluation_log_ratios
+    from bgplugin.flows.bench import torch_threads
+
+    flow, x = _small_dw4_flow_and_frames(2 * EVAL_BLOCK + 3, seed=3)
+    y = x[: EVAL_BLOCK + 1].flip(1)
+    with torch_threads(1):
+        expected_x = evaluation_log_ratios(flow, x, 3, seed=1, progress=False)
+        expected_y = evaluation_log_ratios(flow, y, 3, seed=2, progress=False)
+        cache = tmp_path / "x.npz"
+        evaluation_log_ratios(flow, x, 3, seed=1, cache=cache, progress=False)
+        with EvaluationWorkers(flow, 2) as workers:
+            # read whole from its cache: no process is started
+            assert torch.equal(evaluation_log_ratios(flow, x, 3, seed=1, cache=cache, n_workers=workers,
+                                                     progress=False), expected_x)  # fmt: skip
+            assert workers._pool is None and "not started" in repr(workers)
+            assert torch.equal(evaluation_log_ratios(flow, x, 3, seed=1, n_workers=workers, progress=False),
+                               expected_x)  # fmt: skip
+            pool = workers._pool
+            assert pool is not None and "running" in repr(workers)
+            assert torch.equal(evaluation_log_ratios(flow, y, 3, seed=2, n_workers=workers, progress=False),
+                               expected_y)  # fmt: skip
+            assert workers._pool is pool  # the same processes served both estimates
+            folder = Path(workers._folder.name)
+            assert (folder / "flow.pt").is_file()
+            other, _ = _small_dw4_flow_and_frames(1, seed=0, randomise=False)
+            with pytest.raises(ValueError, match="made for another flow"):
+                evaluation_log_ratios(other, x, 3, seed=1, n_workers=workers, progress=False)
+            with torch.no_grad():
+                next(flow.parameters()).add_(1e-3)  # the same object with other weights
+            with pytest.raises(ValueError, match="other weights"):
+                evaluation_log_ratios(flow, x, 3, seed=1, n_workers=workers, progress=False)
+        assert workers._pool is None and not folder.exists()  # stopped and cleaned up on leaving the block
 
 
 def test_bench_eacf_runs_and_reports(tmp_path) -> None:

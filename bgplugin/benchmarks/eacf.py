@@ -79,6 +79,7 @@ from bgplugin.training import Trainer, TrainerConfig, TrainingData
 
 __all__ = [
     "EACFObjective",
+    "EvaluationWorkers",
     "add_arguments",
     "bench_eacf",
     "bench_eacf_from_args",
@@ -192,12 +193,23 @@ EVAL_CACHE = "eval_log_ratios.npz"
 EVAL_SAMPLES_CACHE = "eval_sample_log_ratios.npz"
 
 
-def _evaluation_key(flow: EACF, x_test: torch.Tensor, n_marginal: int, seed: int) -> str:
-    """Hash of everything the test-set log-ratios depend on: the flow's weights, the configurations, M, the seed."""
-    digest = hashlib.sha256(f"{n_marginal} {seed} {EVAL_BLOCK} {flow.dtype}".encode())
+def _weights_digest(flow: EACF) -> str:
+    """SHA-256 of the flow's parameters and buffers (names and bytes): which weights a set of workers holds."""
+    digest = hashlib.sha256(str(flow.dtype).encode())
+    _update_with_weights(digest, flow)
+    return digest.hexdigest()
+
+
+def _update_with_weights(digest: Any, flow: EACF) -> None:
     for name, value in sorted(flow.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+
+
+def _evaluation_key(flow: EACF, x_test: torch.Tensor, n_marginal: int, seed: int) -> str:
+    """Hash of everything the test-set log-ratios depend on: the flow's weights, the configurations, M, the seed."""
+    digest = hashlib.sha256(f"{n_marginal} {seed} {EVAL_BLOCK} {flow.dtype}".encode())
+    _update_with_weights(digest, flow)
     digest.update(x_test.detach().cpu().double().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -229,26 +241,101 @@ def _worker_block_log_ratios(block: torch.Tensor, n_marginal: int, seed: int, st
     return _block_log_ratios(_WORKER_FLOW, block, n_marginal, seed, start)
 
 
-def _blocks_in_workers(flow: EACF, blocks: dict[int, torch.Tensor], n_marginal: int, seed: int, workers: int,
-                       record: Callable[[int, np.ndarray], None]) -> None:  # fmt: skip
-    """:func:`_block_log_ratios` of every block in ``workers`` spawned processes; ``record(start, values)`` each."""
-    import multiprocessing
-    import tempfile
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def _check_worker_count(n_workers: Any, name: str = "n_workers") -> int:
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {n_workers!r}; use 1 for no worker processes")
+    return n_workers
 
-    with tempfile.TemporaryDirectory(prefix="bgplugin_eval_") as folder:
-        flow_path = str(Path(folder) / "flow.pt")
-        flow.save(flow_path)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_evaluation_worker, initargs=(flow_path,)) as pool:  # fmt: skip
-            futures = {pool.submit(_worker_block_log_ratios, block.cpu(), n_marginal, seed, start): start
-                       for start, block in blocks.items()}  # fmt: skip
-            try:
-                for future in as_completed(futures):
-                    record(futures[future], future.result())
-            except BaseException:  # do not wait for the queued blocks
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+
+class EvaluationWorkers:
+    """CPU worker processes for :func:`evaluation_log_ratios`, shared by several estimates of one flow.
+
+    Each worker is a spawned process with one torch thread that loads the flow once (from a temporary file written
+    by :meth:`EACF.save`) and compiles it once, however many estimates use it: ``bench eacf`` scores the test set and
+    the flow's samples with the same workers. The processes start at the first block that needs them (an estimate
+    read whole from its cache starts none) and stop when the ``with`` block ends (or at :meth:`close`). The flow's
+    weights are fingerprinted on entry; an estimate of a flow with other weights is refused.
+
+    Parameters
+    ----------
+    flow : EACF
+        The flow the workers compute; its weights as they are now.
+    n_workers : int
+        Processes (>= 1). With one, or for a flow on a GPU, the blocks are computed in the calling process.
+
+    Examples
+    --------
+    >>> with EvaluationWorkers(flow, 2) as workers:  # doctest: +SKIP
+    ...     test = evaluation_log_ratios(flow, x_test, 2000, seed=0, n_workers=workers)
+    ...     samples = evaluation_log_ratios(flow, x, 2000, seed=1, n_workers=workers)
+    """
+
+    def __init__(self, flow: EACF, n_workers: int) -> None:
+        self.n_workers = _check_worker_count(n_workers)
+        self.flow = flow
+        self.in_process = n_workers == 1 or flow.device.type != "cpu"
+        self._weights = _weights_digest(flow)
+        self._folder: Any = None
+        self._pool: Any = None
+
+    def __enter__(self) -> EvaluationWorkers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "in process" if self.in_process else ("running" if self._pool is not None else "not started")
+        return f"EvaluationWorkers(n_workers={self.n_workers}, {state})"
+
+    def check_flow(self, flow: EACF) -> None:
+        """Refuse a flow other than the one the workers were made for (another object or changed weights)."""
+        if flow is not self.flow or _weights_digest(flow) != self._weights:
+            raise ValueError("these EvaluationWorkers were made for another flow or for other weights of this "
+                             "one; make new ones (EvaluationWorkers(flow, n_workers)) after changing the flow")
+
+    def _started(self) -> Any:
+        if self._pool is None:
+            import multiprocessing
+            import tempfile
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._folder = tempfile.TemporaryDirectory(prefix="bgplugin_eval_")
+            flow_path = str(Path(self._folder.name) / "flow.pt")
+            self.flow.save(flow_path)
+            self._pool = ProcessPoolExecutor(self.n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_evaluation_worker, initargs=(flow_path,))  # fmt: skip
+        return self._pool
+
+    def run(self, blocks: dict[int, torch.Tensor], n_marginal: int, seed: int,
+            record: Callable[[int, np.ndarray], None]) -> None:  # fmt: skip
+        """:func:`_block_log_ratios` of every block, ``record(start, values)`` as each finishes (any order)."""
+        if self.in_process or len(blocks) <= 1:
+            for start, block in blocks.items():
+                record(start, _block_log_ratios(self.flow, block, n_marginal, seed, start))
+            return
+        from concurrent.futures import as_completed
+
+        pool = self._started()
+        futures = {pool.submit(_worker_block_log_ratios, block.cpu(), n_marginal, seed, start): start
+                   for start, block in blocks.items()}  # fmt: skip
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:  # do not wait for the queued blocks; the workers cannot be trusted after a failure
+            for future in futures:
+                future.cancel()
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the processes (after their current block) and delete the temporary flow file."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
 
 
 def evaluation_log_ratios(
@@ -258,7 +345,7 @@ def evaluation_log_ratios(
     seed: int,
     cache: str | os.PathLike[str] | None = None,
     *,
-    n_workers: int = 1,
+    n_workers: int | EvaluationWorkers = 1,
     save_every_seconds: float = 120.0,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -275,17 +362,22 @@ def evaluation_log_ratios(
 
     Parameters
     ----------
-    n_workers : int
+    n_workers : int or EvaluationWorkers
         Worker processes for a flow on the CPU (one torch thread each; the flow goes to them through a temporary
-        file written by :meth:`EACF.save`). With one torch thread in the calling process as well, the log-ratios
-        are bit-for-bit those of ``n_workers=1``. Ignored for a flow on a GPU.
+        file written by :meth:`EACF.save`), started for this call and stopped at its end; or
+        :class:`EvaluationWorkers` of this flow to share between calls (each worker then loads and compiles the
+        flow once for all of them). With one torch thread in the calling process as well, the log-ratios are
+        bit-for-bit those of ``n_workers=1``. Ignored for a flow on a GPU.
 
     Returns
     -------
     Tensor, shape (M, n_test), float64
     """
-    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
-        raise ValueError(f"n_workers must be an integer >= 1, got {n_workers!r}; use 1 for no worker processes")
+    if isinstance(n_workers, EvaluationWorkers):
+        n_workers.check_flow(flow)
+        workers = n_workers
+    else:
+        workers = EvaluationWorkers(flow, n_workers)
     n_test = x_test.shape[0]
     key = _evaluation_key(flow, x_test, n_marginal, seed)
     ratios = np.full((n_marginal, n_test), np.nan, dtype=np.float64)
@@ -326,29 +418,33 @@ def evaluation_log_ratios(
             save(n_done)
             last_save = time.perf_counter()
 
-    workers = min(n_workers, len(starts)) if flow.device.type == "cpu" else 1
     with bar:
         try:
-            if workers <= 1:
-                for start in starts:
-                    record(start, _block_log_ratios(flow, blocks[start], n_marginal, seed, start))
-            else:
-                _blocks_in_workers(flow, blocks, n_marginal, seed, workers, record)
+            workers.run(blocks, n_marginal, seed, record)
         except BaseException:  # an interrupt or a failed block: keep what is finished, then stop
             if n_done > 0:
                 save(n_done)
             raise
+        finally:
+            if workers is not n_workers:  # started here: stopped here
+                workers.close()
     return torch.from_numpy(ratios)
 
 
 def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
               seed: int, cache: Path | None = None, n_workers: int = 1) -> dict[str, Any]:  # fmt: skip
+    with EvaluationWorkers(flow, n_workers) as workers:  # one set of processes for both estimates
+        return _evaluate_with(flow, system, x_test, n_samples, n_marginal, seed, cache, workers)
+
+
+def _evaluate_with(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
+                   seed: int, cache: Path | None, workers: EvaluationWorkers) -> dict[str, Any]:  # fmt: skip
     constant = prior_constant(system.n_particles, system.dim)
     x_test = x_test.to(flow.device)
     generator = torch.Generator(flow.device).manual_seed(seed)
     out: dict[str, Any] = {"prior_constant": constant}
     with torch.no_grad():
-        log_ratios = evaluation_log_ratios(flow, x_test, n_marginal, seed, cache, n_workers=n_workers)
+        log_ratios = evaluation_log_ratios(flow, x_test, n_marginal, seed, cache, n_workers=workers)
         log_ratios = log_ratios.to(flow.device)
         log_q_test = torch.logsumexp(log_ratios, 0) - math.log(n_marginal)
         # the reported NLL is the table's last row: the estimate from all M draws
@@ -369,7 +465,7 @@ def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, 
         # the samples' marginal estimate, resumable like the test set's (the samples are the same on a rerun: the
         # generator is seeded and the weights are those of the saved flow)
         sample_cache = None if cache is None else cache.with_name(EVAL_SAMPLES_CACHE)
-        sample_ratios = evaluation_log_ratios(flow, x, n_marginal, seed + 1, sample_cache, n_workers=n_workers)
+        sample_ratios = evaluation_log_ratios(flow, x, n_marginal, seed + 1, sample_cache, n_workers=workers)
         sample_ratios = sample_ratios.to(flow.device)
         log_q_samples = torch.logsumexp(sample_ratios, 0) - math.log(n_marginal)
         u = _energies(system, x)
@@ -513,8 +609,7 @@ def bench_eacf(
         # checked before training: evaluation comes after the whole budget
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 or None (the system default), got {value!r}")
-    if isinstance(n_eval_workers, bool) or not isinstance(n_eval_workers, int) or n_eval_workers < 1:
-        raise ValueError(f"n_eval_workers must be an integer >= 1, got {n_eval_workers!r}")
+    _check_worker_count(n_eval_workers, "n_eval_workers")
     defaults = _DEFAULTS[system]
     sys_ = get_system(system)
     x_train = load_split(sys_, "train", data_directory)
