@@ -291,8 +291,10 @@ class EvaluationWorkers:
     def check_flow(self, flow: EACF) -> None:
         """Refuse a flow other than the one the workers were made for (another object or changed weights)."""
         if flow is not self.flow or _weights_digest(flow) != self._weights:
-            raise ValueError("these EvaluationWorkers were made for another flow or for other weights of this "
-                             "one; make new ones (EvaluationWorkers(flow, n_workers)) after changing the flow")
+            raise ValueError(
+                "these EvaluationWorkers were made for another flow or for other weights of this one; "
+                "make new ones (EvaluationWorkers(flow, n_workers)) after changing the flow"
+            )
 
     def _started(self) -> Any:
         if self._pool is None:
