@@ -309,8 +309,8 @@ class EvaluationWorkers:
                                              initializer=_init_evaluation_worker, initargs=(flow_path,))  # fmt: skip
         return self._pool
 
-    def run(self, blocks: dict[int, torch.Tensor], n_marginal: int, seed: int,
-            record: Callable[[int, np.ndarray], None]) -> None:  # fmt: skip
+    def _run_blocks(self, blocks: dict[int, torch.Tensor], n_marginal: int, seed: int,
+                    record: Callable[[int, np.ndarray], None]) -> None:  # fmt: skip
         """:func:`_block_log_ratios` of every block, ``record(start, values)`` as each finishes (any order)."""
         if self.in_process or len(blocks) <= 1:
             for start, block in blocks.items():
@@ -422,7 +422,7 @@ def evaluation_log_ratios(
 
     with bar:
         try:
-            workers.run(blocks, n_marginal, seed, record)
+            workers._run_blocks(blocks, n_marginal, seed, record)
         except BaseException:  # an interrupt or a failed block: keep what is finished, then stop
             if n_done > 0:
                 save(n_done)
