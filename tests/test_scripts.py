@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import DATA_DIR, randomise_parameters
@@ -78,3 +79,32 @@ def test_marginal_proposal_script_prints_an_estimate_per_m_and_scale(tmp_path: P
     # a log-density of 13 particles in 3-d: finite, and the same quantity whichever proposal estimates it
     values = [numbers(line)[0] for line in lines]
     assert all(math.isfinite(v) for v in values) and max(values) - min(values) < 10.0, values
+
+
+def test_split_gap_script_compares_whole_split_and_subset(tmp_path: Path) -> None:
+    """log q = -u + 3 + log cosh 0.1 exactly: the gaps of flow and target agree; a partial cache is refused."""
+    if not (DATA_DIR / "dw4").is_dir():
+        pytest.skip(f"benchmark data not found at {DATA_DIR}; set BGPLUGIN_DATA_DIR")
+    from bgplugin.benchmarks.particles import evaluation_subset, load_split
+
+    system = get_system("dw4")
+    x = torch.as_tensor(load_split(system, "test", DATA_DIR), dtype=torch.float64)
+    u = system.energy().evaluate(x, need_forces=False).u.double().numpy()
+    log_ratios = np.stack([-u + 3.0 + 0.1, -u + 3.0 - 0.1])  # logsumexp - log 2 = -u + 3 + log cosh 0.1
+    cache = tmp_path / "eval_log_ratios.npz"
+    np.savez(cache, key="k", n_done=len(u), log_ratios=log_ratios)
+    out = run_script("eacf_split_gap.py", str(cache), "--system", "dw4", "--subset", "500", "--seed", "2")
+    lines = out.strip().splitlines()
+    subset = evaluation_subset(len(u), 500, seed=2)
+    offset = -3.0 - math.log(math.cosh(0.1))
+    split_numbers, subset_numbers, gap_numbers = numbers(lines[0]), numbers(lines[1]), numbers(lines[2])
+    assert split_numbers[0] == pytest.approx(u.mean() + offset, abs=1e-3)
+    assert split_numbers[2] == pytest.approx(u.mean(), abs=1e-3)
+    assert subset_numbers[0] == pytest.approx(u[subset].mean() + offset, abs=1e-3)
+    assert gap_numbers[0] == pytest.approx(u.mean() - u[subset].mean(), abs=1e-3) and abs(gap_numbers[0]) > 1e-3
+    assert gap_numbers[0] == pytest.approx(gap_numbers[1], abs=1e-3) and gap_numbers[2] == pytest.approx(0, abs=1e-3)
+    np.savez(cache, key="k", n_done=100, log_ratios=log_ratios[:, :100])
+    done = subprocess.run([sys.executable, str(SCRIPTS / "eacf_split_gap.py"), str(cache), "--system", "dw4"],
+                          capture_output=True, text=True, env={**os.environ, "BGPLUGIN_DATA_DIR": str(DATA_DIR)},
+                          timeout=600)  # fmt: skip
+    assert done.returncode != 0 and "--eval-test 10000" in done.stderr
