@@ -325,8 +325,6 @@ class EvaluationWorkers:
             for future in as_completed(futures):
                 record(futures[future], future.result())
         except BaseException:  # do not wait for the queued blocks; the workers cannot be trusted after a failure
-            for future in futures:
-                future.cancel()
             self.close()
             raise
 
@@ -434,13 +432,7 @@ def evaluation_log_ratios(
 
 
 def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
-              seed: int, cache: Path | None = None, n_workers: int = 1) -> dict[str, Any]:  # fmt: skip
-    with EvaluationWorkers(flow, n_workers) as workers:  # one set of processes for both estimates
-        return _evaluate_with(flow, system, x_test, n_samples, n_marginal, seed, cache, workers)
-
-
-def _evaluate_with(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
-                   seed: int, cache: Path | None, workers: EvaluationWorkers) -> dict[str, Any]:  # fmt: skip
+              seed: int, cache: Path | None, workers: EvaluationWorkers) -> dict[str, Any]:  # fmt: skip
     constant = prior_constant(system.n_particles, system.dim)
     x_test = x_test.to(flow.device)
     generator = torch.Generator(flow.device).manual_seed(seed)
@@ -710,8 +702,8 @@ def bench_eacf(
                 flow.save(out / "flow.pt")
                 x_test = torch.as_tensor(x_test_all[evaluation_subset(len(x_test_all), n_test, seed)])
                 eval_start = time.perf_counter()
-                metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed, out / EVAL_CACHE,
-                                    n_eval_workers)
+                with EvaluationWorkers(flow, n_eval_workers) as workers:  # one set of processes for both estimates
+                    metrics = _evaluate(flow, sys_, x_test, n_samples, n_marginal, seed, out / EVAL_CACHE, workers)
             eval_seconds = time.perf_counter() - eval_start
             cnf = load_flow(cnf_model, device=flow.device) if cnf_model is not None else build_flow(
                 sys_, "egnn", device=flow.device, **defaults["cnf"])  # fmt: skip
