@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from bgplugin.flows.eacf.training import (
     JointMaximumLikelihood,
     JointMLKL,
     JointReverseKL,
+    MarginalMaximumLikelihood,
     train_eacf,
 )
 from bgplugin.systems import get_system
@@ -575,6 +577,67 @@ def test_guarded_optimizer_skips_and_clips() -> None:
     torch.testing.assert_close(parameter.detach(), value - 5.0)
     parameter.grad = torch.full((1,), float("nan"))
     assert optimizer.step().action == "skip"
+
+
+def test_marginal_ml_loss_is_the_k_draw_estimate_of_log_q() -> None:
+    flow = _flow("spherical", 3)
+    x, _ = _joint_sample(flow, 6)
+    objective = MarginalMaximumLikelihood(flow, n_draws=3, aux_weight=0.0)
+    batch = objective.make_batch(x, None, torch.Generator().manual_seed(2))
+    assert batch.noise.shape == (6, 3, 1, 4, 3)
+    a = x.unsqueeze(1) + flow.aug_scale * batch.noise.transpose(0, 1)  # (K, batch, n_aug, n, d), as Eq. 21 takes
+    expected = -(torch.logsumexp(flow.augmented_log_ratios(x, a), 0) - math.log(3))
+    with torch.no_grad():
+        output = objective.loss(flow, batch, 0)
+    torch.testing.assert_close(output.loss, expected.mean(), rtol=1e-12, atol=1e-12)
+    weights = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        weighted = objective.loss(flow, replace(batch, weights=weights), 0).loss
+    torch.testing.assert_close(weighted, (weights * expected).sum() / weights.sum(), rtol=1e-12, atol=1e-12)
+    # K = 1 is the joint objective less the log-density of the draws under pi(a|x), a constant of the flow
+    one = MarginalMaximumLikelihood(flow, n_draws=1, aux_weight=1.0)
+    single = one.make_batch(x, None, torch.Generator().manual_seed(3))
+    joint = JointMaximumLikelihood(flow, aux_weight=1.0)
+    a1 = x.unsqueeze(1) + flow.aug_scale * single.noise[:, 0]
+    with torch.no_grad():
+        joint_loss = joint.loss(flow, replace(single, noise=single.noise[:, 0]), 0).loss
+        torch.testing.assert_close(one.loss(flow, single, 0).loss, joint_loss + flow.log_prob_aug(a1, x).mean())
+
+
+def test_marginal_ml_rejects_bad_settings_and_batches() -> None:
+    flow = _flow("vector", 3)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="n_draws"):
+            MarginalMaximumLikelihood(flow, n_draws=bad)  # type: ignore[arg-type]
+    objective = MarginalMaximumLikelihood(flow, n_draws=2)
+    with pytest.raises(ValueError, match="needs data"):
+        objective.make_batch(None, None, torch.Generator())
+    x, _ = _joint_sample(flow, 4)
+    joint_batch = JointMaximumLikelihood(flow).make_batch(x, None, torch.Generator())
+    with pytest.raises(ValueError, match="make_batch"):
+        objective.loss(flow, joint_batch, 0)
+    with pytest.raises(TypeError, match="EACF"):
+        MarginalMaximumLikelihood(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def test_short_marginal_ml_training_on_dw4_lowers_nll() -> None:
+    system = get_system("dw4")
+    data = torch.as_tensor(load_benchmark("dw4", "train")[:2048], dtype=torch.float32)
+    test = torch.as_tensor(load_benchmark("dw4", "test")[:256], dtype=torch.float32)
+    torch.manual_seed(0)
+    flow = build_flow(system, kind="eacf", n_blocks=2, hidden=16, n_layers=1, device="cpu")
+
+    def nll() -> float:
+        with torch.no_grad():
+            return float(-flow.log_prob(test, n_marginal=8, generator=torch.Generator().manual_seed(0)).mean())
+
+    before = nll()
+    history = train_eacf(flow, MarginalMaximumLikelihood(flow, n_draws=4), data=data, steps=120, lr=2e-3,
+                         batch_size=32, seed=0, progress=False)  # fmt: skip
+    after = nll()
+    assert len(history) == 120 and all(math.isfinite(row["marginal_nll_bound"]) for row in history)
+    # measured 18.72 -> 13.30 (torch 2.13); the joint objective's test above, at the same cost: 13.58
+    assert after < before - 3.0, (before, after)
 
 
 def test_short_ml_training_on_dw4_lowers_nll() -> None:

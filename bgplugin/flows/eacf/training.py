@@ -8,6 +8,11 @@ Joint maximum likelihood (:class:`JointMaximumLikelihood`)
     :math:`-\mathbb E_{x \sim \text{data},\, a \sim \pi(a|x)} \log q(x, a)`,
     an upper bound of the marginal NLL plus the (constant) entropy of
     :math:`\pi(a|x)`.
+Marginal maximum likelihood (:class:`MarginalMaximumLikelihood`)
+    :math:`-\mathbb E_x \mathbb E_{a_{1..K} \sim \pi} \log \frac1K \sum_k q(x, a_k) / \pi(a_k|x)`,
+    the importance-weighted bound of the marginal NLL over K draws (the
+    quantity the evaluation estimates with M draws); K = 1 is the joint
+    objective less a constant.
 Joint reverse KL (:class:`JointReverseKL`)
     :math:`\mathbb E_{(x,a) \sim q}[\log q(x, a) + u(x) - \log \pi(a|x)]`,
     from the energy alone (reparameterised samples).
@@ -69,6 +74,7 @@ __all__ = [
     "JointMLKL",
     "JointMaximumLikelihood",
     "JointReverseKL",
+    "MarginalMaximumLikelihood",
     "ReplayBuffer",
     "StepReport",
     "train_eacf",
@@ -202,6 +208,7 @@ class AugmentedBatch:
     x : Tensor, shape (batch, n_particles, dim)
     weights : Tensor, shape (batch,), or None
     noise : Tensor, shape (batch, n_aug, n_particles, dim)
+        For :class:`MarginalMaximumLikelihood`: (batch, K, n_aug, n_particles, dim).
     """
 
     x: Tensor
@@ -250,6 +257,69 @@ class JointMaximumLikelihood:
         nll = weighted_mean(-log_q, weights)
         aux_mean = aux.mean()
         metrics = {"joint_nll": float(nll.detach()), "aux": float(aux_mean.detach())}
+        return LossOutput(nll + self.aux_weight * aux_mean, metrics)
+
+
+class MarginalMaximumLikelihood(JointMaximumLikelihood):
+    r"""Maximum likelihood of the marginal :math:`q(x)` through the importance-weighted bound over K draws of ``a``.
+
+    The loss is :math:`-\mathbb E_x \mathbb E_{a_{1..K} \sim \pi(\cdot|x)}
+    \log \frac1K \sum_k q(x, a_k) / \pi(a_k \mid x)`, the K-draw estimate of
+    the marginal log-likelihood that the evaluation uses with M draws (Eq. 21),
+    a lower bound of :math:`\log q(x)` that tightens as K grows (Burda et al.
+    2016). K = 1 is :class:`JointMaximumLikelihood` less the entropy of
+    :math:`\pi(a|x)`, a constant. For K > 1 the gradient weights each draw by
+    its self-normalised importance weight, so the flow is no longer pushed to
+    make :math:`q(a|x)` equal to :math:`\pi(a|x)` everywhere, only where that
+    raises :math:`q(x)`: the marginal NLL improves and the joint bound (and with
+    it the joint ESS) may get worse. A step costs K joint evaluations per
+    configuration; ``batch_size / K`` configurations per step keep the cost of
+    the joint objective.
+
+    Parameters
+    ----------
+    flow : EACF
+    n_draws : int
+        K, draws of ``a`` per configuration (4 in ``docs/benchmarks.md``'s LJ13 fine-tune).
+    aux_weight : float
+        Weight of the collinearity loss of the frames (averaged over all draws).
+    """
+
+    def __init__(self, flow: EACF, n_draws: int = 4, *, aux_weight: float = 1.0) -> None:
+        super().__init__(flow, aux_weight=aux_weight)
+        _check_positive_int("n_draws", n_draws)
+        self.n_draws = n_draws
+
+    def __repr__(self) -> str:
+        return f"MarginalMaximumLikelihood(n_draws={self.n_draws}, aux_weight={self.aux_weight})"
+
+    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> AugmentedBatch:
+        """The data minibatch and the noise of its K augmented draws each, shape (batch, K, n_aug, n, dim)."""
+        if x1 is None:
+            raise ValueError("MarginalMaximumLikelihood needs data samples; pass training data")
+        shape = (x1.shape[0], self.n_draws, self.n_aug, self.n_particles, self.dim)
+        return AugmentedBatch(x1, weights, torch.randn(shape, generator=generator, dtype=x1.dtype))
+
+    def loss(self, model: torch.nn.Module, batch: AugmentedBatch, step: int) -> LossOutput:
+        """Weighted negative K-draw bound (nats) plus the auxiliary loss; metrics ``marginal_nll_bound``, ``aux``."""
+        _check_flow(model)
+        flow: EACF = model  # type: ignore[assignment]
+        if batch.noise.ndim != 5 or batch.noise.shape[1] != self.n_draws:
+            raise ValueError(
+                f"the batch has noise of shape {tuple(batch.noise.shape)}, not (batch, {self.n_draws}, ...): "
+                "make it with this objective's make_batch"
+            )
+        x = batch.x.to(flow.device, flow.dtype)
+        n, k = x.shape[0], self.n_draws
+        xs = x.repeat_interleave(k, 0)
+        a = xs.unsqueeze(1) + flow.aug_scale * batch.noise.to(flow.device, flow.dtype).flatten(0, 1)
+        log_q, aux = flow.log_prob_joint_and_aux(xs, a)
+        log_w = (log_q - flow.log_prob_aug(a, xs)).reshape(n, k)
+        bound = torch.logsumexp(log_w, 1) - math.log(k)
+        weights = None if batch.weights is None else batch.weights.to(flow.device, flow.dtype)
+        nll = weighted_mean(-bound, weights)
+        aux_mean = aux.mean()
+        metrics = {"marginal_nll_bound": float(nll.detach()), "aux": float(aux_mean.detach())}
         return LossOutput(nll + self.aux_weight * aux_mean, metrics)
 
 
@@ -661,7 +731,7 @@ class FABAlpha2:
 # ------------------------------------------------------------------------ loop
 def train_eacf(
     flow: EACF,
-    objective: JointMaximumLikelihood | JointReverseKL | JointMLKL | FABAlpha2,
+    objective: JointMaximumLikelihood | MarginalMaximumLikelihood | JointReverseKL | JointMLKL | FABAlpha2,
     *,
     data: TrainingData | Tensor | np.ndarray | None = None,
     steps: int = 1000,
@@ -688,7 +758,7 @@ def train_eacf(
     Parameters
     ----------
     flow : EACF
-    objective : JointMaximumLikelihood, JointReverseKL, JointMLKL or FABAlpha2
+    objective : JointMaximumLikelihood, MarginalMaximumLikelihood, JointReverseKL, JointMLKL or FABAlpha2
     data : TrainingData, Tensor or ndarray, optional
         Training configurations (batch, n_particles, dim) for objectives that need data.
     steps : int
