@@ -1023,6 +1023,53 @@ def test_bench_eacf_runs_and_reports(tmp_path) -> None:
     assert saved_flow.prior.std == 1.5 and saved_flow.aug_scale == saved_flow.base_aug_scale == 0.25
 
 
+def test_bench_eacf_fine_tunes_a_saved_flow_with_the_marginal_bound(tmp_path) -> None:
+    from bgplugin.benchmarks.eacf import add_arguments, bench_eacf, format_eacf
+
+    load_benchmark("dw4", "test")  # skips without the data
+    options = {"minutes": 1.0, "n_marginal": 2, "n_eval_samples": 32, "n_eval_test": 32, "n_speed_samples": 32,
+               "n_cnf_speed_samples": 2, "progress": False, "compiled": False}  # fmt: skip
+    first = bench_eacf("dw4", tmp_path / "first", max_steps=3, n_blocks=1, hidden=8, **options)
+    start = tmp_path / "first" / "flow.pt"
+    # lr ~ 0: the fine-tune's flow is the saved one (its hyperparameters win over the defaults)
+    tuned = bench_eacf("dw4", tmp_path / "tune", init_flow=start, train_draws=2, max_steps=2, batch_size=16,
+                       lr=1e-12, **options)  # fmt: skip
+    settings = tuned["settings"]
+    assert settings["train_draws"] == 2 and settings["init"]["path"] == str(start)
+    assert settings["flow"]["n_blocks"] == 1 and settings["flow"]["hidden"] == 8
+    assert tuned["n_parameters"] == first["n_parameters"]
+    before, after = load_flow(start), load_flow(tmp_path / "tune" / "flow.pt")
+    for (name, value), other in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+        torch.testing.assert_close(other, value, rtol=0.0, atol=1e-6, msg=name)
+    text = format_eacf(tuned)
+    assert "K = 2-draw bound of the marginal likelihood" in text and f"fine-tuned from {start}" in text
+    # a run resumes only with the same start and the same K
+    with pytest.raises(ValueError, match="train_draws"):
+        bench_eacf("dw4", tmp_path / "tune", init_flow=start, train_draws=3, max_steps=2, batch_size=16,
+                   lr=1e-12, **options)  # fmt: skip
+    bench_eacf("dw4", tmp_path / "other_start", max_steps=1, n_blocks=1, hidden=8, seed=5, **options)
+    with pytest.raises(ValueError, match="init"):
+        bench_eacf("dw4", tmp_path / "tune", init_flow=tmp_path / "other_start" / "flow.pt", train_draws=2,
+                   max_steps=2, batch_size=16, lr=1e-12, **options)  # fmt: skip
+    # bad starts and K are refused before anything is written
+    with pytest.raises(ValueError, match="needs objective='ml'"):
+        bench_eacf("dw4", tmp_path / "bad", objective="kl", train_draws=2, **options)
+    with pytest.raises(ValueError, match="train_draws must be an integer >= 1"):
+        bench_eacf("dw4", tmp_path / "bad", train_draws=0, **options)
+    with pytest.raises(ValueError, match="is not a file"):
+        bench_eacf("dw4", tmp_path / "bad", init_flow=tmp_path / "missing.pt", **options)
+    lj13 = build_flow(get_system("lj13"), kind="eacf", n_blocks=1, hidden=8, device="cpu")
+    lj13.save(tmp_path / "lj13.pt")
+    with pytest.raises(ValueError, match="not of dw4"):
+        bench_eacf("dw4", tmp_path / "bad", init_flow=tmp_path / "lj13.pt", **options)
+    assert not (tmp_path / "bad").exists()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--train-draws", "4", "--init", "runs/a/flow.pt"])
+    assert (args.train_draws, args.init) == (4, "runs/a/flow.pt")
+    assert (parser.parse_args([]).train_draws, parser.parse_args([]).init) == (1, None)
+
+
 @pytest.mark.parametrize(
     "name, value, allowed",
     [("n_eval_test", 0, " or None"), ("n_eval_samples", 0, " or None"), ("n_eval_test", 2.5, " or None"),

@@ -73,7 +73,12 @@ from bgplugin.flows import CNF, build_flow, load_flow
 from bgplugin.flows.bench import torch_threads
 from bgplugin.flows.cnf import DeviceSpec, resolve_device
 from bgplugin.flows.eacf import EACF
-from bgplugin.flows.eacf.training import FABAlpha2, JointMaximumLikelihood, JointReverseKL
+from bgplugin.flows.eacf.training import (
+    FABAlpha2,
+    JointMaximumLikelihood,
+    JointReverseKL,
+    MarginalMaximumLikelihood,
+)
 from bgplugin.systems import System, get_system
 from bgplugin.training import Trainer, TrainerConfig, TrainingData
 
@@ -108,6 +113,7 @@ _PROBE_SECONDS = 5.0
 #: Settings that must match for a run in an existing ``out_dir`` to resume it.
 _TRAINING_KEYS = (
     "system", "objective", "flow", "batch_size", "lr", "ema_decay", "schedule_clock", "seed", "max_steps", "n_train",
+    "train_draws", "init",
 )  # fmt: skip
 
 
@@ -431,6 +437,25 @@ def evaluation_log_ratios(
     return torch.from_numpy(ratios)
 
 
+def _initial_flow(path: str | os.PathLike[str], system: System) -> EACF:
+    """The saved E-ACF a fine-tune starts from, checked against the system."""
+    if not Path(path).is_file():
+        raise ValueError(f"init_flow {str(path)!r} is not a file; pass the flow.pt of a finished E-ACF run")
+    flow = load_flow(path, device="cpu")
+    if not isinstance(flow, EACF):
+        raise ValueError(
+            f"init_flow {str(path)!r} holds a {type(flow).__name__}, not an E-ACF; pass an E-ACF's flow.pt"
+        )
+    if (flow.n_particles, flow.dim) != (system.n_particles, system.dim) or not np.array_equal(
+        flow.atom_types.cpu().numpy(), np.asarray(system.atom_types)
+    ):
+        raise ValueError(
+            f"init_flow {str(path)!r} is an E-ACF of {flow.n_particles} particles in {flow.dim} D, not of "
+            f"{system.name} ({system.n_particles} in {system.dim} D); pass a flow trained on {system.name}"
+        )
+    return flow
+
+
 def _evaluate(flow: EACF, system: System, x_test: torch.Tensor, n_samples: int, n_marginal: int,
               seed: int, cache: Path | None, workers: EvaluationWorkers) -> dict[str, Any]:  # fmt: skip
     constant = prior_constant(system.n_particles, system.dim)
@@ -486,6 +511,8 @@ def bench_eacf(
     out_dir: str | os.PathLike[str] = "runs/bench_eacf_dw4",
     *,
     objective: EACFObjective = "ml",
+    train_draws: int = 1,
+    init_flow: str | os.PathLike[str] | None = None,
     minutes: float = 10.0,
     max_steps: int | None = None,
     schedule_clock: Literal["time", "steps"] = "time",
@@ -525,6 +552,16 @@ def bench_eacf(
     objective : {"ml", "fab", "kl"}
         Joint maximum likelihood on the training split, FAB (alpha = 2, AIS
         with HMC and a replay buffer) or joint reverse KL from the energy.
+    train_draws : int
+        K draws of the augmented variables per training configuration (``objective="ml"``): 1 trains the joint
+        likelihood (the paper), K > 1 the importance-weighted K-draw bound of the marginal likelihood
+        (:class:`~bgplugin.flows.eacf.training.MarginalMaximumLikelihood`; a step then costs K joint
+        evaluations per configuration, so ``batch_size / K`` keeps the cost of a joint step).
+    init_flow : path, optional
+        Start from the weights of a saved E-ACF of this system (:meth:`EACF.save`, e.g. another run's
+        ``flow.pt``) instead of a fresh flow: a fine-tune. Its hyperparameters replace ``projection``,
+        ``n_blocks``, ``hidden``, ``n_layers``, ``n_transforms``, ``n_aug``, ``aug_scale`` and ``prior_std``;
+        a run in ``out_dir`` resumes only with the same weights to start from.
     minutes : float
         Training wall-clock budget.
     max_steps : int, optional
@@ -604,6 +641,11 @@ def bench_eacf(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 or None (the system default), got {value!r}")
     _check_worker_count(n_eval_workers, "n_eval_workers")
+    if isinstance(train_draws, bool) or not isinstance(train_draws, int) or train_draws < 1:
+        raise ValueError(f"train_draws must be an integer >= 1, got {train_draws!r}")
+    if train_draws > 1 and objective != "ml":
+        raise ValueError(f"train_draws={train_draws} needs objective='ml' (the {objective!r} objective draws its "
+                         "own augmented variables); leave train_draws at 1")  # fmt: skip
     defaults = _DEFAULTS[system]
     sys_ = get_system(system)
     x_train = load_split(sys_, "train", data_directory)
@@ -622,6 +664,10 @@ def bench_eacf(
         "n_marginal": n_marginal,
         "compiled": compiled,
     }
+    init = None if init_flow is None else _initial_flow(init_flow, sys_)
+    if init is not None:
+        skip = ("atom_types", "dim", "n_marginal", "compiled", "chunk_size")  # run-time options stay this run's
+        hyper.update({k: v for k, v in init.config().items() if k not in skip})
     batch = defaults["batch_size"] if batch_size is None else batch_size
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
@@ -635,6 +681,8 @@ def bench_eacf(
         "system": system,
         "objective": objective,
         "flow": {k: v for k, v in hyper.items() if k not in ("compiled", "n_marginal")},
+        "train_draws": train_draws,
+        "init": None if init is None else {"path": str(init_flow), "weights": _weights_digest(init)},
         "batch_size": batch,
         "lr": lr,
         "ema_decay": ema_decay,
@@ -650,12 +698,15 @@ def bench_eacf(
             flow = build_flow(sys_, kind="eacf", device=resolve_device(device), **hyper)
             if not isinstance(flow, EACF):
                 raise TypeError(f"build_flow(kind='eacf') returned {type(flow).__name__}")
+            if init is not None:
+                flow.load_state_dict(init.state_dict())
             energy = sys_.energy()
             data = TrainingData(x_train) if objective == "ml" else None
 
             def make_objective(warm_up: bool = False) -> Any:
                 if objective == "ml":
-                    return JointMaximumLikelihood(flow)
+                    return JointMaximumLikelihood(flow) if train_draws == 1 else MarginalMaximumLikelihood(
+                        flow, n_draws=train_draws)  # fmt: skip
                 if objective == "kl":
                     return JointReverseKL(flow, energy, n_samples=batch)
                 # The warm-up's replay buffer is thrown away: fill only one batch there, so that FAB's buffer
@@ -665,7 +716,7 @@ def bench_eacf(
 
             saved, resumed = resolve_training_settings(
                 out, requested, resume, _TRAINING_KEYS, "bench_eacf",
-                older_defaults={"flow": {"n_transforms": 1, "aug_scale": 0.1}},
+                older_defaults={"flow": {"n_transforms": 1, "aug_scale": 0.1}, "train_draws": 1, "init": None},
             )
             settings = dict(saved) if saved is not None else dict(requested)
             compile_seconds = 0.0
@@ -738,6 +789,8 @@ def bench_eacf(
         },
         "settings": {
             "flow": flow.config() | {"atom_types": None},
+            "train_draws": train_draws,
+            "init": requested["init"],
             "batch_size": batch,
             "lr": lr,
             "ema_decay": ema_decay,
@@ -815,7 +868,10 @@ def format_eacf(result: dict[str, Any]) -> str:
     lines = [
         f"{result['system'].upper()} E-ACF ({flow['projection']}, {flow['n_blocks']} blocks, width {flow['hidden']}, "
         f"{flow['n_layers']} EGNN layers, {flow['n_aug']} augmented), {result['n_parameters']} parameters, "
-        f"objective {result['objective']}, on {result.get('device', 'cpu')}",
+        f"objective {result['objective']}"
+        + (f" (K = {s['train_draws']}-draw bound of the marginal likelihood)" if s.get("train_draws", 1) > 1 else "")
+        + (f", fine-tuned from {s['init']['path']}" if s.get("init") else "")
+        + f", on {result.get('device', 'cpu')}",
         f"training: {t['steps']} steps in {result['train_seconds']:.0f} s (batch {s['batch_size']}, lr {s['lr']:g}; "
         f"{t['skipped_steps']} skipped, {t['clipped_steps']} clipped; "
         + (f"{t['rollbacks']} roll-back(s) after a run-away loss, lr x {t['lr_scale']:g}; "
@@ -850,6 +906,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``bgplugin bench eacf``; run them with :func:`bench_eacf_from_args`, print :func:`format_eacf`."""
     parser.add_argument("--system", choices=sorted(_DEFAULTS), default="dw4")
     parser.add_argument("--objective", choices=list(get_args(EACFObjective)), default="ml")
+    parser.add_argument("--train-draws", type=int, default=1,
+                        help="augmented draws per training configuration for --objective ml: 1 the joint "
+                        "likelihood (the paper), K > 1 the K-draw bound of the marginal likelihood (K joint "
+                        "evaluations per configuration; --batch-size B/K keeps the cost)")
+    parser.add_argument("--init", help="start from this saved E-ACF's weights and hyperparameters (a run's "
+                        "flow.pt): fine-tune it")
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget (10)")
     parser.add_argument("--max-steps", type=int, help="step cap; with --schedule-clock steps the schedule length "
                         "(default: what fits in --minutes, from a timing probe)")
@@ -910,6 +972,8 @@ def bench_eacf_from_args(args: argparse.Namespace) -> dict[str, Any]:
         args.system,
         args.out_dir or f"runs/bench_eacf_{args.system}_{args.objective}",
         objective=args.objective,
+        train_draws=args.train_draws,
+        init_flow=args.init,
         minutes=args.minutes,
         max_steps=args.max_steps,
         schedule_clock=args.schedule_clock,
