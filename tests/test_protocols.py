@@ -82,6 +82,15 @@ def test_bundled_protocol_loads_and_round_trips(name: str) -> None:
         ({"train": {"kl_weight": 0.2}}, "train.kl_weight 0.2 mixes the reverse KL into maximum likelihood"),
         ({"train": {"kl_weight": 1.5}}, "train.kl_weight must be in [0, 1], got 1.5"),
         ({"train": {"kl_samples": 0}}, "train.kl_samples must be an integer >= 1, got 0"),
+        ({"train": {"aug_draws": 0}}, "train.aug_draws must be an integer >= 1, got 0"),
+        ({"train": {"aug_draws": 4}}, "train.aug_draws 4 draws augmented variables, which only an E-ACF has"),
+        (
+            {
+                "train": {"model": {"kind": "eacf"}, "objective": "nll", "aug_draws": 4, "kl_weight": 0.3},
+                "reweight": {"chirality": "filter"},
+            },
+            "train.aug_draws 4 trains the marginal bound, but train.kl_weight 0.3",
+        ),
         ({"train": {"kl_start": 0.95, "kl_ramp": 0.1}}, "train.kl_start + train.kl_ramp must be <= 1"),
     ],
 )
@@ -337,6 +346,23 @@ def test_eacf_protocol_trains_samples_with_joint_weights_and_profiles(tmp_path: 
     np.testing.assert_allclose(x[:8], x0.numpy(), atol=1e-6)
     np.testing.assert_allclose(log_q[:8], expected, rtol=1e-6, atol=1e-5)
     assert 0.0 <= results["ess"] <= 1.0 and results["n_samples"] == 24
+
+
+def test_eacf_protocol_trains_the_marginal_bound_with_aug_draws(tmp_path: Path) -> None:
+    """train.aug_draws: K > 1 trains MarginalMaximumLikelihood (its metric in loss.csv), 1 the joint likelihood."""
+    import csv
+
+    for draws, metric in ((3, "marginal_nll_bound"), (1, "joint_nll")):
+        data = tiny_quickstart()
+        data["train"].update(objective="nll", ema_decay=None, max_steps=3, aug_draws=draws)
+        data["train"]["model"] = {"kind": "eacf", "hidden": 8, "n_layers": 1, "n_blocks": 1, "n_bins": 4,
+                                  "prior_std": 0.16, "aug_scale": 0.05, "distinguishable": "all"}  # fmt: skip
+        data["reweight"].update(chirality="filter")
+        out = tmp_path / f"run{draws}"
+        results = run_protocol(data, out, device="cpu", progress=False, stop_after="train")
+        assert results["steps"]["train"]["steps"] == 3
+        rows = list(csv.DictReader((out / "train" / "loss.csv").open()))
+        assert len(rows) == 3 and all(math.isfinite(float(r[metric])) for r in rows), rows[0].keys()
 
 
 @pytest.mark.parametrize("kind", ["eacf", "cnf"])

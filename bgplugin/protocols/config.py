@@ -218,6 +218,13 @@ class TrainConfig:
     they are). Needs ``objective: nll`` (an E-ACF mixes the joint
     objectives, a CNF uses :class:`bgplugin.training.MLKL`).
 
+    ``aug_draws`` (E-ACF only; default 1): draws of the augmented variables
+    per training frame. 1 trains the joint likelihood (the paper); K > 1 the
+    importance-weighted K-draw bound of the marginal likelihood
+    (:class:`bgplugin.flows.eacf.training.MarginalMaximumLikelihood`), K joint
+    evaluations per frame (``batch_size`` frames per step). Not with
+    ``kl_weight`` > 0 (the mixture is joint).
+
     ``schedule_clock``: ``"steps"`` (default) spans the cosine decay over
     ``max_steps`` (estimated from a timing probe when null), so a rerun with
     the same seed gives the same flow; ``"time"`` spans it over ``minutes``
@@ -242,6 +249,7 @@ class TrainConfig:
     kl_ramp: float = 0.1
     kl_samples: int = 32
     energy_cutoff: float | None = 1000.0
+    aug_draws: int = 1
     weights: Literal["none", "dataset", "von_mises"] = "none"
     bias_cv: str = "phi"
     bias_mu: float = 1.0
@@ -553,6 +561,19 @@ def _check_values(p: Protocol) -> None:
             if not 0 <= getattr(t, name) <= 1:
                 raise ProtocolError(f"train.{name} must be in [0, 1], got {getattr(t, name)}")
         checks.append(("train.kl_samples", t.kl_samples, "int>=1"))
+        checks.append(("train.aug_draws", t.aug_draws, "int>=1"))
+        several_draws = isinstance(t.aug_draws, int) and not isinstance(t.aug_draws, bool) and t.aug_draws > 1
+        if several_draws and t.model.kind != "eacf":
+            raise ProtocolError(
+                f"train.aug_draws {t.aug_draws} draws augmented variables, which only an E-ACF has "
+                "(train.model.kind 'eacf'); leave train.aug_draws at 1"
+            )
+        if several_draws and t.kl_weight > 0:
+            raise ProtocolError(
+                f"train.aug_draws {t.aug_draws} trains the marginal bound, but train.kl_weight {t.kl_weight} mixes "
+                "in the joint reverse KL, which trains the joint likelihood: set one of them back (aug_draws 1 or "
+                "kl_weight 0)"
+            )
         if t.kl_weight > 0 and t.objective != "nll":
             raise ProtocolError(
                 f"train.kl_weight {t.kl_weight} mixes the reverse KL into maximum likelihood, but train.objective is "

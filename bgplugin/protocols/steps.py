@@ -200,9 +200,11 @@ def run_train(protocol: Protocol, run: RunDirectory, progress: bool, device: str
                     "length_scale": model.length_scale} if model.field == "egnn" else {}),
             )  # fmt: skip
     if model.kind == "eacf":
-        from bgplugin.flows.eacf.training import JointMaximumLikelihood
+        from bgplugin.flows.eacf.training import JointMaximumLikelihood, MarginalMaximumLikelihood
 
-        objective: Any = JointMaximumLikelihood(flow)
+        objective: Any = JointMaximumLikelihood(flow) if train.aug_draws == 1 else MarginalMaximumLikelihood(
+            flow, n_draws=train.aug_draws
+        )
     elif train.objective == "nll":
         objective = MaximumLikelihood(divergence="hutchinson")
     else:
