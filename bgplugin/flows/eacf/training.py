@@ -239,12 +239,23 @@ class JointMaximumLikelihood:
     def __repr__(self) -> str:
         return f"JointMaximumLikelihood(aux_weight={self.aux_weight})"
 
+    def _noise_shape(self, n_frames: int) -> tuple[int, ...]:
+        return (n_frames, self.n_aug, self.n_particles, self.dim)
+
     def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> AugmentedBatch:
         """The data minibatch and the noise of its augmented draws (from ``generator``)."""
         if x1 is None:
-            raise ValueError("JointMaximumLikelihood needs data samples; pass training data")
-        noise = torch.randn(x1.shape[0], self.n_aug, self.n_particles, self.dim, generator=generator, dtype=x1.dtype)
+            raise ValueError(f"{type(self).__name__} needs data samples; pass training data")
+        noise = torch.randn(self._noise_shape(x1.shape[0]), generator=generator, dtype=x1.dtype)
         return AugmentedBatch(x1, weights, noise)
+
+    def _output(self, flow: EACF, nll: Tensor, aux: Tensor, batch: AugmentedBatch, metric: str) -> LossOutput:
+        """The frames' weighted mean of ``nll`` (batch,) plus ``aux_weight`` times the auxiliary loss."""
+        weights = None if batch.weights is None else batch.weights.to(flow.device, flow.dtype)
+        mean_nll = weighted_mean(nll, weights)
+        aux_mean = aux.mean()
+        metrics = {metric: float(mean_nll.detach()), "aux": float(aux_mean.detach())}
+        return LossOutput(mean_nll + self.aux_weight * aux_mean, metrics)
 
     def loss(self, model: torch.nn.Module, batch: AugmentedBatch, step: int) -> LossOutput:
         """Weighted joint NLL (nats) plus the auxiliary loss; metrics ``joint_nll``, ``aux``."""
@@ -253,11 +264,7 @@ class JointMaximumLikelihood:
         x = batch.x.to(flow.device, flow.dtype)
         a = x.unsqueeze(1) + flow.aug_scale * batch.noise.to(flow.device, flow.dtype)
         log_q, aux = flow.log_prob_joint_and_aux(x, a)
-        weights = None if batch.weights is None else batch.weights.to(flow.device, flow.dtype)
-        nll = weighted_mean(-log_q, weights)
-        aux_mean = aux.mean()
-        metrics = {"joint_nll": float(nll.detach()), "aux": float(aux_mean.detach())}
-        return LossOutput(nll + self.aux_weight * aux_mean, metrics)
+        return self._output(flow, -log_q, aux, batch, "joint_nll")
 
 
 class MarginalMaximumLikelihood(JointMaximumLikelihood):
@@ -293,12 +300,8 @@ class MarginalMaximumLikelihood(JointMaximumLikelihood):
     def __repr__(self) -> str:
         return f"MarginalMaximumLikelihood(n_draws={self.n_draws}, aux_weight={self.aux_weight})"
 
-    def make_batch(self, x1: Tensor | None, weights: Tensor | None, generator: torch.Generator) -> AugmentedBatch:
-        """The data minibatch and the noise of its K augmented draws each, shape (batch, K, n_aug, n, dim)."""
-        if x1 is None:
-            raise ValueError("MarginalMaximumLikelihood needs data samples; pass training data")
-        shape = (x1.shape[0], self.n_draws, self.n_aug, self.n_particles, self.dim)
-        return AugmentedBatch(x1, weights, torch.randn(shape, generator=generator, dtype=x1.dtype))
+    def _noise_shape(self, n_frames: int) -> tuple[int, ...]:
+        return (n_frames, self.n_draws, self.n_aug, self.n_particles, self.dim)  # K draws per frame
 
     def loss(self, model: torch.nn.Module, batch: AugmentedBatch, step: int) -> LossOutput:
         """Weighted negative K-draw bound (nats) plus the auxiliary loss; metrics ``marginal_nll_bound``, ``aux``."""
@@ -316,11 +319,7 @@ class MarginalMaximumLikelihood(JointMaximumLikelihood):
         log_q, aux = flow.log_prob_joint_and_aux(xs, a)
         log_w = (log_q - flow.log_prob_aug(a, xs)).reshape(n, k)
         bound = torch.logsumexp(log_w, 1) - math.log(k)
-        weights = None if batch.weights is None else batch.weights.to(flow.device, flow.dtype)
-        nll = weighted_mean(-bound, weights)
-        aux_mean = aux.mean()
-        metrics = {"marginal_nll_bound": float(nll.detach()), "aux": float(aux_mean.detach())}
-        return LossOutput(nll + self.aux_weight * aux_mean, metrics)
+        return self._output(flow, -bound, aux, batch, "marginal_nll_bound")
 
 
 class JointReverseKL:
